@@ -1,0 +1,132 @@
+"""Muon: momentum, then the polar factor of the momentum, per weight matrix.
+
+For a weight ``W`` (out x in; conv weights are flattened to ``out x (in*kh*kw)``)::
+
+    B <- beta B + (1 - beta) G                       (momentum buffer)
+    U  = (1 - beta) G + beta B   if nesterov else B
+    W <- (1 - lr*wd) W - lr * s(W) * msign(U)
+
+with the shape factor ``s`` chosen by ``adjust_lr_fn``: ``"original"`` (Keller Jordan's,
+``sqrt(max(1, rows / cols))``) or ``"match_rms_adamw"`` (Moonlight's, ``0.2 * sqrt(max(rows, cols))``,
+which gives the update the RMS of a typical AdamW update so AdamW learning rates carry over).
+Rows/cols are those of the 2-D (flattened) matrix.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .msign import BACKENDS, msign
+from .routing import RoutedOptimizer
+
+__all__ = ["Muon", "MuonWithAuxAdam", "muon_momentum", "shape_scale", "ADJUST_LR_FNS"]
+
+ADJUST_LR_FNS = ("original", "match_rms_adamw")
+
+
+def shape_scale(rows: int, cols: int, adjust_lr_fn: str | None = "original") -> float:
+    """Per-matrix step multiplier for a ``rows x cols`` weight."""
+    if adjust_lr_fn in (None, "original"):
+        return math.sqrt(max(1.0, rows / cols))
+    if adjust_lr_fn == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(rows, cols))
+    raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; expected one of {ADJUST_LR_FNS}")
+
+
+def muon_momentum(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
+    """Update ``buf`` in place (``lerp`` toward ``grad``) and return the direction to orthogonalize.
+
+    The returned tensor never aliases ``buf``; callers may modify it freely.
+    """
+    buf.lerp_(grad.to(buf.dtype), 1 - beta)
+    return grad.to(buf.dtype).lerp(buf, beta) if nesterov else buf.clone()
+
+
+def as_matrix(t: torch.Tensor) -> torch.Tensor:
+    """2-D view of a weight: conv ``(out, in, kh, kw)`` -> ``(out, in*kh*kw)``."""
+    return t.reshape(t.size(0), -1) if t.ndim > 2 else t
+
+
+class Muon(RoutedOptimizer):
+    """Muon for 2-D (and conv) hidden weights; also accepts ``use_muon=False`` AdamW groups.
+
+    Args: ``lr`` (0.02), ``momentum`` (0.95), ``nesterov`` (True), ``ns_steps`` (5),
+    ``weight_decay`` (0, decoupled: ``W <- (1 - lr*wd) W``), ``adjust_lr_fn`` ("original" or
+    "match_rms_adamw"), ``backend`` (msign backend, "newton_schulz" by default),
+    ``msign_dtype`` (working precision of the iteration, bfloat16 by default),
+    ``nonfinite`` ("raise" or "skip" a step whose gradients hold NaN/inf).
+    Same-shape matrices of a group are orthogonalized in one batched call.
+    """
+
+    matrix_defaults = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
+                           adjust_lr_fn="original", backend="newton_schulz", msign_dtype=None)
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
+                 weight_decay: float = 0.0, adjust_lr_fn: str = "original", backend: str = "newton_schulz",
+                 msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise"):
+        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, backend=backend,
+                                      msign_dtype=msign_dtype), nonfinite=nonfinite)
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if group["use_muon"]:
+            if not 0 <= group["momentum"] < 1:
+                raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
+            if group["backend"] not in BACKENDS:
+                raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
+            shape_scale(1, 1, group["adjust_lr_fn"])  # validates the name
+            if int(group["ns_steps"]) < 1:
+                raise ValueError(f"ns_steps must be >= 1, got {group['ns_steps']!r}")
+
+    def _directions(self, group: dict, params: list) -> list:
+        """Momentum step for each param; returns the 2-D directions to orthogonalize."""
+        out = []
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            out.append(as_matrix(muon_momentum(st["momentum_buffer"], p.grad, group["momentum"], group["nesterov"])))
+        return out
+
+    def _orthogonalize(self, group: dict, dirs: list) -> list:
+        """msign of every direction; same-shape, same-dtype matrices share one batched call."""
+        steps = None if group["backend"] == "svd" else int(group["ns_steps"])
+        out = [None] * len(dirs)
+        buckets: dict = {}
+        for i, u in enumerate(dirs):
+            buckets.setdefault((tuple(u.shape), u.dtype), []).append(i)
+        for idx in buckets.values():
+            batch = torch.stack([dirs[i] for i in idx]) if len(idx) > 1 else dirs[idx[0]].unsqueeze(0)
+            z = msign(batch, group["backend"], steps, dtype=group["msign_dtype"])
+            for j, i in enumerate(idx):
+                out[i] = z[j]
+        return out
+
+    def _matrix_step(self, group: dict, params: list) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        zs = self._orthogonalize(group, self._directions(group, params))
+        for p, z in zip(params, zs):
+            scale = shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(z.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
+
+
+class MuonWithAuxAdam(Muon):
+    """Drop-in for ``muon.MuonWithAuxAdam``: every param group sets ``use_muon``.
+
+    ``use_muon=True`` groups take ``lr`` (0.02), ``momentum`` (0.95), ``weight_decay`` (0) and the
+    other Muon keys; ``use_muon=False`` groups take AdamW's ``lr`` (3e-4), ``betas`` ((0.9, 0.95)),
+    ``eps`` (1e-10), ``weight_decay`` (0)::
+
+        muon_group = dict(params=hidden_weights, lr=0.02, weight_decay=0.01, use_muon=True)
+        adam_group = dict(params=others, lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01, use_muon=False)
+        optimizer = MuonWithAuxAdam([muon_group, adam_group])
+    """
+
+    require_use_muon = True
+
+    def __init__(self, param_groups, *, nonfinite: str = "raise"):
+        RoutedOptimizer.__init__(self, param_groups, None, nonfinite=nonfinite)

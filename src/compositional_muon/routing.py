@@ -1,0 +1,128 @@
+"""The param-group routing every optimizer of this library shares.
+
+A param group flagged ``use_muon=True`` is updated by the optimizer's *matrix rule* (Muon, NorMuon,
+...); one flagged ``use_muon=False`` by AdamW, as in Keller Jordan's ``MuonWithAuxAdam``. The base
+class also owns the checks every step needs: sparse or complex gradients raise ``TypeError``, and a
+NaN/inf gradient either raises :class:`NonFiniteError` or skips the whole step (``nonfinite="skip"``,
+counted in each group's ``"skipped_steps"``), before anything is written.
+"""
+from __future__ import annotations
+
+import torch
+
+from .adamw import ADAMW_DEFAULTS, adamw_step
+from .cm import NonFiniteError
+
+__all__ = ["RoutedOptimizer", "check_grads", "NonFiniteError"]
+
+_NONFINITE = ("raise", "skip")
+
+
+def check_grads(param_groups) -> bool:
+    """Raise ``TypeError`` for sparse/complex grads; return whether every grad is finite (one sync)."""
+    flags = []
+    for gi, group in enumerate(param_groups):
+        for pi, p in enumerate(group["params"]):
+            g = p.grad
+            if g is None:
+                continue
+            where = f"parameter {pi} of param group {gi} (shape {tuple(p.shape)})"
+            if g.is_sparse or g.layout != torch.strided:
+                raise TypeError(f"{where} has a sparse gradient; this optimizer needs dense gradients")
+            if g.is_complex() or p.is_complex():
+                raise TypeError(f"{where} is complex; this optimizer supports real parameters only")
+            flags.append(torch.isfinite(g).all())
+    return not flags or bool(torch.stack(flags).all())
+
+
+class RoutedOptimizer(torch.optim.Optimizer):
+    """Base class: groups with ``use_muon=True`` go to :meth:`_matrix_step`, others to AdamW.
+
+    Subclasses set ``matrix_defaults`` (the matrix rule's hyperparameters) and implement
+    ``_matrix_step(group, params)`` for the params of a group that have a gradient.
+    """
+
+    matrix_defaults: dict = {}
+    adamw_defaults: dict = ADAMW_DEFAULTS
+    default_use_muon: bool = True  # what a group without the flag gets
+    require_use_muon: bool = False  # MuonWithAuxAdam insists on the flag
+    min_matrix_ndim: int = 2
+
+    def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "raise"):
+        if nonfinite not in _NONFINITE:
+            raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected one of {_NONFINITE}")
+        self.nonfinite = nonfinite
+        self._matrix_defaults = {**self.matrix_defaults, **(defaults or {})}
+        # torch.optim.Optimizer needs a defaults dict; schedulers such as OneCycleLR look for
+        # "momentum" or "betas" in it, so expose the matrix rule's defaults.
+        super().__init__(params, dict(self._matrix_defaults))
+
+    # -- groups ---------------------------------------------------------------------------------
+    def add_param_group(self, param_group: dict) -> None:
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        params = group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        group["params"] = list(params)
+        if "use_muon" not in group:
+            if self.require_use_muon:
+                raise ValueError(f"{type(self).__name__} needs every param group to set use_muon=True or False")
+            group["use_muon"] = self.default_use_muon
+        if not isinstance(group["use_muon"], bool):
+            raise TypeError(f"`use_muon` must be a bool, got {group['use_muon']!r}")
+        for k, v in (self._matrix_defaults if group["use_muon"] else self.adamw_defaults).items():
+            group.setdefault(k, v)
+        group.setdefault("skipped_steps", 0)
+        if group["use_muon"]:
+            for i, p in enumerate(group["params"]):
+                if p.ndim < self.min_matrix_ndim:
+                    raise ValueError(
+                        f"{type(self).__name__} updates matrices; parameter {i} of a use_muon=True group has shape "
+                        f"{tuple(p.shape)}. Put 0-D/1-D parameters (gains, biases) in a use_muon=False (AdamW) group"
+                    )
+        self._validate_group(group)
+        super().add_param_group(group)
+
+    def _validate_group(self, group: dict) -> None:
+        lr, wd = group.get("lr"), group.get("weight_decay", 0.0)
+        if not isinstance(lr, (int, float, torch.Tensor)) or lr < 0:
+            raise ValueError(f"learning rate must be >= 0, got {lr!r}")
+        if wd < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
+        if not group["use_muon"]:
+            b1, b2 = group["betas"]
+            if not (0 <= b1 < 1 and 0 <= b2 < 1):
+                raise ValueError(f"AdamW betas must be in [0, 1), got {group['betas']!r}")
+
+    # -- step -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not check_grads(self.param_groups):
+            if self.nonfinite == "raise":
+                raise NonFiniteError("a gradient holds NaN/inf; the step was not applied (nonfinite='raise')")
+            for group in self.param_groups:
+                group["skipped_steps"] += 1
+            return loss
+        self._before_step()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["use_muon"]:
+                self._matrix_step(group, params)
+            else:
+                adamw_step(params, [p.grad for p in params], [self.state[p] for p in params], lr=float(group["lr"]),
+                           betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+        return loss
+
+    def _before_step(self) -> None:
+        """Hook for optimizers that need work before the groups are stepped."""
+
+    def _matrix_step(self, group: dict, params: list) -> None:
+        raise NotImplementedError
