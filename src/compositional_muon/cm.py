@@ -31,6 +31,7 @@ __all__ = [
     "CMConfig",
     "pair_update",
     "NonFiniteError",
+    "cm_momentum",
     "METHODS",
     "WHITENINGS",
     "CONNECTIONS",
@@ -274,30 +275,35 @@ def _check_pair_args(names, wa, wb, ga, gb, ma, mb, head_dim: int, num_kv_heads,
     return H, hkv, d, D
 
 
-def _momentum(m: torch.Tensor, g: torch.Tensor, beta: float) -> torch.Tensor:
-    """``beta * m + g`` (out of place, in the buffer's dtype)."""
-    return torch.add(g.to(m.dtype), m, alpha=beta)
-
-
-def _apply_pair(wa_heads, wb_heads, ga_heads, gb_heads, ma_heads, mb_heads, targets, *, eta, beta, nesterov,
-                weight_decay, momentum_reproject, cfg: CMConfig, on_nonfinite: str, grad_names) -> bool:
-    """Shared body of cm_qk / cm_ov on (H, d, D)/(Hkv, d, D) views; ``targets`` are the tensors to
-    write: (weight_a, weight_b, mom_a, mom_b, new_a_from_heads, new_b_from_heads) callbacks."""
-    new_ma = _momentum(ma_heads, ga_heads, beta)
-    new_mb = _momentum(mb_heads, gb_heads, beta)
-    A, B = wa_heads.unsqueeze(0), wb_heads.unsqueeze(0)
+def cm_momentum(A, B, ga, gb, ma, mb, *, beta: float, nesterov: bool, momentum_reproject: bool, cfg: CMConfig):
+    """New momenta ``beta m + g`` (projected to the horizontal space if ``momentum_reproject``) and
+    the directions the update descends along (``g + beta m_new`` with ``nesterov``). Out of place;
+    shapes as in :func:`pair_update`; momenta keep their buffers' dtype."""
+    new_ma = torch.add(ga.to(ma.dtype), ma, alpha=beta)
+    new_mb = torch.add(gb.to(mb.dtype), mb, alpha=beta)
     if momentum_reproject:
-        pa, pb = horizontal_projection(A, B, new_ma.unsqueeze(0), new_mb.unsqueeze(0), cfg.connection, cfg.lam)
-        new_ma, new_mb = pa[0].to(new_ma.dtype), pb[0].to(new_mb.dtype)
+        pa, pb = horizontal_projection(A, B, new_ma, new_mb, cfg.connection, cfg.lam)
+        new_ma, new_mb = pa.to(ma.dtype), pb.to(mb.dtype)
     if nesterov:
-        ua = torch.add(ga_heads.to(new_ma.dtype), new_ma, alpha=beta)
-        ub = torch.add(gb_heads.to(new_mb.dtype), new_mb, alpha=beta)
-    else:
-        ua, ub = new_ma, new_mb
-    dA, dB = pair_update(A, B, ua.unsqueeze(0), ub.unsqueeze(0), eta, cfg)
-    finite = torch.isfinite(dA).all() & torch.isfinite(dB).all() & torch.isfinite(new_ma).all() & torch.isfinite(new_mb).all()
-    if not bool(finite):
-        bad = [n for n, g in zip(grad_names, (ga_heads, gb_heads)) if not bool(torch.isfinite(g).all())]
+        return new_ma, new_mb, torch.add(ga.to(ma.dtype), new_ma, alpha=beta), torch.add(gb.to(mb.dtype), new_mb, alpha=beta)
+    return new_ma, new_mb, new_ma, new_mb
+
+
+def all_finite(*tensors) -> bool:
+    """One host sync for the finiteness of several tensors."""
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _apply_pair(views, *, eta, beta, nesterov, weight_decay, momentum_reproject, cfg: CMConfig,
+                on_nonfinite: str, grad_names) -> bool:
+    """Shared body of cm_qk / cm_ov on kernel-layout head views ``(A, B, gA, gB, mA, mB)``
+    (``(H, d, D)`` / ``(Hkv, d, D)``) of the caller's tensors; writes through the views."""
+    A, B, ga, gb, ma, mb = views
+    new_ma, new_mb, ua, ub = cm_momentum(A, B, ga, gb, ma, mb, beta=beta, nesterov=nesterov,
+                                         momentum_reproject=momentum_reproject, cfg=cfg)
+    dA, dB = pair_update(A.unsqueeze(0), B.unsqueeze(0), ua.unsqueeze(0), ub.unsqueeze(0), eta, cfg)
+    if not all_finite(dA, dB, new_ma, new_mb):
+        bad = [n for n, g in zip(grad_names, (ga, gb)) if not all_finite(g)]
         if bad:
             if on_nonfinite == "skip":
                 return False
@@ -306,12 +312,18 @@ def _apply_pair(wa_heads, wb_heads, ga_heads, gb_heads, ma_heads, mb_heads, targ
             "the CM update is not finite although the gradients are: a partner Gram is singular "
             f"(lam={cfg.lam}); use lam > 0. Nothing was written"
         )
-    write_wa, write_wb, write_ma, write_mb = targets
-    write_ma(new_ma)
-    write_mb(new_mb)
-    write_wa(dA[0], weight_decay * eta)
-    write_wb(dB[0], weight_decay * eta)
+    ma.copy_(new_ma)
+    mb.copy_(new_mb)
+    apply_update(A, dA[0], eta * weight_decay)
+    apply_update(B, dB[0], eta * weight_decay)
     return True
+
+
+def apply_update(w: torch.Tensor, delta: torch.Tensor, decay: float) -> None:
+    """``w <- (1 - decay) w + delta`` in place (``w`` may be a view of a parameter)."""
+    if decay:
+        w.mul_(1 - decay)
+    w.add_(delta.to(w.dtype))
 
 
 def _validate_scalars(eta, beta, weight_decay, on_nonfinite, momentum_reproject, connection):
@@ -375,21 +387,10 @@ def cm_qk(
     H, hkv, d, D = _check_pair_args(("wq", "wk", "gq", "gk", "mq", "mk"), wq, wk, gq, gk, mq, mk,
                                     head_dim, num_kv_heads, a_rows_are_heads=True)
 
-    def heads(t):
+    def heads(t):  # (H d, D) -> (H, d, D)
         return t.unflatten(0, (-1, d))
 
-    def writer(w):
-        def write(delta, decay):
-            if decay:
-                w.mul_(1 - decay)
-            w.add_(delta.reshape(w.shape).to(w.dtype))
-        return write
-
-    def mwriter(m):
-        return lambda new: m.copy_(new.reshape(m.shape))
-
-    return _apply_pair(heads(wq), heads(wk), heads(gq), heads(gk), heads(mq), heads(mk),
-                       (writer(wq), writer(wk), mwriter(mq), mwriter(mk)), eta=eta, beta=beta, nesterov=nesterov,
+    return _apply_pair(tuple(heads(t) for t in (wq, wk, gq, gk, mq, mk)), eta=eta, beta=beta, nesterov=nesterov,
                        weight_decay=weight_decay, momentum_reproject=momentum_reproject, cfg=cfg,
                        on_nonfinite=on_nonfinite, grad_names=("gq", "gk"))
 
@@ -449,25 +450,8 @@ def cm_ov(
     def o_heads(t):  # (D, H d) -> (H, d, D): A_h = Wo_h^T
         return t.mT.unflatten(0, (-1, d))
 
-    def writer(w, to_layout):
-        def write(delta, decay):
-            if decay:
-                w.mul_(1 - decay)
-            w.add_(to_layout(delta).to(w.dtype))
-        return write
-
-    def mwriter(m, to_layout):
-        return lambda new: m.copy_(to_layout(new))
-
-    def o_layout(x):  # (H, d, D) -> (D, H d)
-        return x.flatten(0, 1).mT
-
-    def v_layout(x):
-        return x.flatten(0, 1)
-
     # The kernel's A factor is W_o^T (H heads), B is W_v (Hkv heads).
-    return _apply_pair(o_heads(wo), v_heads(wv), o_heads(go), v_heads(gv), o_heads(mo), v_heads(mv),
-                       (writer(wo, o_layout), writer(wv, v_layout), mwriter(mo, o_layout), mwriter(mv, v_layout)),
-                       eta=eta, beta=beta, nesterov=nesterov, weight_decay=weight_decay,
+    views = (o_heads(wo), v_heads(wv), o_heads(go), v_heads(gv), o_heads(mo), v_heads(mv))
+    return _apply_pair(views, eta=eta, beta=beta, nesterov=nesterov, weight_decay=weight_decay,
                        momentum_reproject=momentum_reproject, cfg=cfg, on_nonfinite=on_nonfinite,
                        grad_names=("go", "gv"))
