@@ -1,0 +1,19 @@
+# The two set-up commands (see README): `make demo` trains the demo, `make test` runs the suite.
+# Both create .venv on first use (scripts/bootstrap.sh picks the CPU torch build without a GPU).
+.PHONY: demo test bench experiments
+
+demo:
+	scripts/bootstrap.sh train
+	.venv/bin/python -m compositional_muon.train --out runs/demo
+
+test:
+	scripts/bootstrap.sh test
+	.venv/bin/python -m pytest -q
+
+bench:
+	scripts/bootstrap.sh
+	.venv/bin/python bench/step_time.py
+
+experiments:
+	scripts/bootstrap.sh train
+	.venv/bin/python -m compositional_muon.experiments --config seed003 --out runs/seed003

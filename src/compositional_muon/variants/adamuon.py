@@ -1,0 +1,120 @@
+"""AdaMuon: an element-wise second moment on Muon's orthogonalized (sign-stabilized) update.
+
+Si, Zhang, Shen, "AdaMuon: Adaptive Muon Optimizer", arXiv:2507.11005 (Algorithm 1). For a weight
+``W`` of shape ``m x n`` (``nn.Linear`` layout; conv weights flattened to ``out x (in*kh*kw)``)::
+
+    M_t  = beta M_{t-1} + G_t                     heavy-ball momentum (sum form)
+    O_t  = msign(Sign(M_t))                       sign-stabilized orthogonal direction
+    V_t  = beta V_{t-1} + (1 - beta) O_t * O_t    element-wise, same beta, no bias correction
+    O^_t = O_t / (sqrt(V_t) + eps)
+    g_t  = 0.2 sqrt(m n) / ||O^_t||_F             RMS-aligned rescaling (update RMS 0.2, as AdamW)
+    W_t  = W_{t-1} - lr (g_t O^_t + wd W_{t-1})
+
+The authors' released ``adamuon.py`` differs: it orthogonalizes the momentum without the sign
+(``sign_stabilize=False`` reproduces that), keeps a separate ``beta2 = 0.999`` for ``V`` with bias
+correction (pass ``beta2=0.999``; the bias correction is a scalar that the RMS rescale cancels up to
+``eps``), and uses Nesterov momentum (the default here, ``nesterov=True``, as in their GPT-2 code).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..msign import BACKENDS
+from ..muon import Muon, as_matrix
+from ..routing import RoutedOptimizer
+
+__all__ = ["AdaMuon", "adamuon_normalize", "heavy_ball_momentum"]
+
+
+def heavy_ball_momentum(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov: bool) -> torch.Tensor:
+    """``buf <- beta buf + grad`` in place; return ``grad + beta buf`` (Nesterov) or a copy of ``buf``."""
+    g = grad.to(buf.dtype)
+    buf.mul_(beta).add_(g)
+    return g.add(buf, alpha=beta) if nesterov else buf.clone()
+
+
+def adamuon_normalize(O: torch.Tensor, V: torch.Tensor, beta: float, eps: float = 1e-8
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Element-wise adaptive rescaling of an orthogonalized update (arXiv:2507.11005, Algorithm 1).
+
+    ``O``, ``V``: ``(..., m, n)``. Returns ``(U, new_V)`` with ``new_V = beta V + (1 - beta) O*O``,
+    ``U = 0.2 sqrt(m n) O^ / ||O^||_F`` and ``O^ = O / (sqrt(new_V) + eps)``; the caller applies
+    ``W <- W - lr (U + wd W)``. Pure; an all-zero ``O`` gives ``U = 0``. Works in float32 at least.
+    """
+    wd = torch.promote_types(O.dtype, torch.float32)
+    O = O.to(wd)
+    m, n = O.shape[-2], O.shape[-1]
+    new_V = beta * V.to(wd) + (1 - beta) * O * O
+    O_hat = O / (new_V.sqrt() + eps)
+    norm = torch.linalg.matrix_norm(O_hat, keepdim=True)
+    gamma = torch.where(norm > 0, 0.2 * math.sqrt(m * n) / norm, torch.zeros_like(norm))
+    return O_hat * gamma, new_V
+
+
+class AdaMuon(Muon):
+    """AdaMuon (arXiv:2507.11005, Algorithm 1) with AdamW for ``use_muon=False`` groups.
+
+    Args: ``lr`` (0.02), ``momentum`` (beta, 0.95), ``beta2`` (None: the paper's single beta for
+    ``V``; the released code uses 0.999), ``eps`` (1e-8), ``weight_decay`` (0.01, decoupled),
+    ``nesterov`` (True, as in the released code), ``sign_stabilize`` (True: ``msign(Sign(M))`` as
+    in the paper; False: ``msign(M)`` as in the released code), ``ns_steps`` (5), ``backend``
+    ("newton_schulz"), ``msign_dtype`` (bfloat16 when None), ``nonfinite`` ("raise"/"skip").
+
+    The update RMS is ``0.2 * lr`` whatever the shape (AdamW-matched): the authors' GPT-2 runs pass
+    AdamW's learning rate (6e-4); 0.02 is their class default. Per-parameter state:
+    ``momentum_buffer`` and ``second_moment`` (both like ``p``).
+    """
+
+    matrix_defaults = dict(lr=0.02, momentum=0.95, beta2=None, eps=1e-8, nesterov=True, sign_stabilize=True,
+                           weight_decay=0.01, ns_steps=5, backend="newton_schulz", msign_dtype=None)
+
+    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, beta2: float | None = None,
+                 eps: float = 1e-8, weight_decay: float = 0.01, nesterov: bool = True, sign_stabilize: bool = True,
+                 ns_steps: int = 5, backend: str = "newton_schulz", msign_dtype: torch.dtype | None = None, *,
+                 nonfinite: str = "raise"):
+        RoutedOptimizer.__init__(self, params, dict(
+            lr=lr, momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov, sign_stabilize=sign_stabilize,
+            weight_decay=weight_decay, ns_steps=ns_steps, backend=backend, msign_dtype=msign_dtype),
+            nonfinite=nonfinite)
+
+    def _validate_group(self, group: dict) -> None:
+        RoutedOptimizer._validate_group(self, group)  # Muon's checks minus adjust_lr_fn (unused here)
+        if group["use_muon"]:
+            if not 0 <= group["momentum"] < 1:
+                raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
+            if group["backend"] not in BACKENDS:
+                raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
+            if int(group["ns_steps"]) < 1:
+                raise ValueError(f"ns_steps must be >= 1, got {group['ns_steps']!r}")
+            b2 = group["beta2"]
+            if b2 is not None and not 0 <= b2 < 1:
+                raise ValueError(f"beta2 must be None or in [0, 1), got {b2!r}")
+            if group["eps"] < 0:
+                raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
+
+    def _directions(self, group: dict, params: list) -> list:
+        out = []
+        for p in params:
+            st = self.state[p]
+            if "momentum_buffer" not in st:
+                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            u = as_matrix(heavy_ball_momentum(st["momentum_buffer"], p.grad, group["momentum"], group["nesterov"]))
+            out.append(u.sign() if group["sign_stabilize"] else u)
+        return out
+
+    def _matrix_step(self, group: dict, params: list) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        beta2 = group["momentum"] if group["beta2"] is None else group["beta2"]
+        zs = self._orthogonalize(group, self._directions(group, params))
+        for p, z in zip(params, zs):
+            st = self.state[p]
+            if "second_moment" not in st:
+                st["second_moment"] = torch.zeros_like(z, dtype=p.dtype)
+            V = st["second_moment"]
+            u, new_V = adamuon_normalize(z, V, beta2, group["eps"])
+            V.copy_(new_V)
+            if wd:
+                p.mul_(1 - lr * wd)
+            p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
