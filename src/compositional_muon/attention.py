@@ -293,7 +293,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
 # ------------------------------------------------------------------------------------------------
 
 DEFAULT_ADAMW_PATTERNS = ("*embed*", "*lm_head*", "head.*", "*.head.*", "*classifier*", "*score.*", "*wte*",
-                          "*wpe*", "*pos_emb*", "*cls_token*", "*patch_embed*", "*output_layer*")
+                          "*wpe*", "*pos_emb*", "*cls_token*", "*patch_embed*", "*output_layer*", "*router*")
 
 
 def route_parameters(model: nn.Module, specs, adamw_patterns=DEFAULT_ADAMW_PATTERNS, muon_patterns=()):
