@@ -14,6 +14,7 @@ Rows/cols are those of the 2-D (flattened) matrix.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -28,7 +29,7 @@ ADJUST_LR_FNS = ("original", "match_rms_adamw")
 def shape_scale(rows: int, cols: int, adjust_lr_fn: str | None = "original") -> float:
     """Per-matrix step multiplier for a ``rows x cols`` weight."""
     if adjust_lr_fn in (None, "original"):
-        return math.sqrt(max(1.0, rows / cols))
+        return math.sqrt(max(1.0, rows / cols)) if cols else 1.0  # an empty (rows x 0) weight has no step
     if adjust_lr_fn == "match_rms_adamw":
         return 0.2 * math.sqrt(max(rows, cols))
     raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}; expected one of {ADJUST_LR_FNS}")
@@ -45,14 +46,15 @@ def muon_momentum(buf: torch.Tensor, grad: torch.Tensor, beta: float, nesterov: 
 
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """2-D view of a weight: conv ``(out, in, kh, kw)`` -> ``(out, in*kh*kw)``."""
-    return t.reshape(t.size(0), -1) if t.ndim > 2 else t
+    return t.flatten(1) if t.ndim > 2 else t  # unlike reshape(out, -1), also right for empty weights
 
 
 class Muon(RoutedOptimizer):
     """Muon for 2-D (and conv) hidden weights; also accepts ``use_muon=False`` AdamW groups.
 
-    Args: ``lr`` (0.02), ``momentum`` (0.95), ``nesterov`` (True), ``ns_steps`` (5),
-    ``weight_decay`` (0, decoupled: ``W <- (1 - lr*wd) W``), ``adjust_lr_fn`` ("original" or
+    Args, in the positional order of Keller Jordan's ``Muon`` and ``torch.optim.Muon``: ``lr`` (0.02),
+    ``weight_decay`` (0, decoupled: ``W <- (1 - lr*wd) W``), ``momentum`` (0.95), ``nesterov`` (True),
+    ``ns_steps`` (5), ``adjust_lr_fn`` ("original" or
     "match_rms_adamw"), ``backend`` (msign backend, "newton_schulz" by default),
     ``msign_dtype`` (working precision of the iteration, bfloat16 by default),
     ``nonfinite`` ("raise" or "skip" a step whose gradients hold NaN/inf).
@@ -62,9 +64,9 @@ class Muon(RoutedOptimizer):
     matrix_defaults = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
                            adjust_lr_fn="original", backend="newton_schulz", msign_dtype=None)
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, adjust_lr_fn: str = "original", backend: str = "newton_schulz",
-                 msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise"):
+    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str = "original",
+                 backend: str = "newton_schulz", msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise"):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, backend=backend,
                                       msign_dtype=msign_dtype), nonfinite=nonfinite)
@@ -77,8 +79,9 @@ class Muon(RoutedOptimizer):
             if group["backend"] not in BACKENDS:
                 raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
             shape_scale(1, 1, group["adjust_lr_fn"])  # validates the name
-            if int(group["ns_steps"]) < 1:
-                raise ValueError(f"ns_steps must be >= 1, got {group['ns_steps']!r}")
+            k = group["ns_steps"]
+            if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 1 <= k < math.inf or k != int(k):
+                raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
 
     def _directions(self, group: dict, params: list) -> list:
         """Momentum step for each param; returns the 2-D directions to orthogonalize."""
@@ -99,7 +102,8 @@ class Muon(RoutedOptimizer):
             buckets.setdefault((tuple(u.shape), u.dtype), []).append(i)
         for idx in buckets.values():
             batch = torch.stack([dirs[i] for i in idx]) if len(idx) > 1 else dirs[idx[0]].unsqueeze(0)
-            z = msign(batch, group["backend"], steps, dtype=group["msign_dtype"])
+            # an empty matrix (a zero-width layer) is its own polar factor; the SVD backend rejects it
+            z = msign(batch, group["backend"], steps, dtype=group["msign_dtype"]) if batch.numel() else batch
             for j, i in enumerate(idx):
                 out[i] = z[j]
         return out

@@ -87,14 +87,17 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     def _validate_group(self, group: dict) -> None:
         lr, wd = group.get("lr"), group.get("weight_decay", 0.0)
-        if not isinstance(lr, (int, float, torch.Tensor)) or lr < 0:
+        # `not x >= 0` (rather than `x < 0`) also rejects NaN, as torch.optim does
+        if not isinstance(lr, (int, float, torch.Tensor)) or not lr >= 0:
             raise ValueError(f"learning rate must be >= 0, got {lr!r}")
-        if wd < 0:
+        if not wd >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
         if not group["use_muon"]:
             b1, b2 = group["betas"]
             if not (0 <= b1 < 1 and 0 <= b2 < 1):
                 raise ValueError(f"AdamW betas must be in [0, 1), got {group['betas']!r}")
+            if not group["eps"] >= 0:
+                raise ValueError(f"AdamW eps must be >= 0, got {group['eps']!r}")
 
     # -- step -----------------------------------------------------------------------------------
     @torch.no_grad()
