@@ -16,6 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from . import distributed as _dist
 from .adamw import adamw_step
 from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, head_view, route_parameters
 from .cm import CMConfig, NonFiniteError, all_finite, apply_update, cm_momentum, pair_update
@@ -50,14 +51,17 @@ class CompositionalMuon(Muon):
     ``isotropic``, ``hybrid`` (OV), ``whitening``, ``connection``, ``momentum_reproject``,
     ``per_mat_renorm``, ``msign_backend``, ``msign_steps``, ``msign_dtype``, ``root_method``.
     ``track_stats=True`` records per-head step sizes and composed-update norms after every step in
-    :attr:`last_stats` (costs a few small SVDs per layer).
+    :attr:`last_stats` (costs a few small SVDs per layer; not recorded for DTensor parameters).
+    ``distributed`` ("auto", True, False): under DDP the CM layers and Muon matrices are split
+    among the ranks and the updates all-gathered; DTensor (FSDP2) parameters take the shard-aware
+    path (see :mod:`compositional_muon.distributed` and ``docs/distributed.md``).
     """
 
-    def __init__(self, param_groups, *, nonfinite: str = "raise", track_stats: bool = False):
+    def __init__(self, param_groups, *, nonfinite: str = "raise", track_stats: bool = False, distributed="auto"):
         self.track_stats = track_stats
         self.last_stats: dict = {}
         self.routing: list = []
-        RoutedOptimizer.__init__(self, param_groups, None, nonfinite=nonfinite)
+        RoutedOptimizer.__init__(self, param_groups, None, nonfinite=nonfinite, distributed=distributed)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -66,13 +70,15 @@ class CompositionalMuon(Muon):
                    adamw_weight_decay: float = 0.0, adamw_betas=(0.9, 0.95), adamw_eps: float = 1e-10,
                    muon_momentum: float = 0.95, attention=None, head_dim=None, num_heads=None, num_kv_heads=None,
                    adamw_patterns=DEFAULT_ADAMW_PATTERNS, muon_patterns=(), nonfinite: str = "raise",
-                   track_stats: bool = False, verbose: bool = False, **cm_options):
+                   track_stats: bool = False, verbose: bool = False, distributed="auto", **cm_options):
         """CM on every attention pair of ``model``, Muon on the other matrices, AdamW on the rest.
 
         ``attention``: explicit :class:`AttentionSpec` list (default: :func:`find_attention` with
         the ``head_dim`` / ``num_heads`` / ``num_kv_heads`` overrides). ``cm_options`` are the CM
         group options (``momentum``, ``method``, ``isotropic``, ...). ``verbose`` prints
         :meth:`summary`. Raises ValueError when no attention is found (use :class:`Muon` then).
+        Under DDP pass the wrapped model's ``.module`` (or the model before wrapping); under FSDP2
+        pass the model after ``fully_shard``.
         """
         unknown = set(cm_options) - set(CM_DEFAULTS)
         if unknown:
@@ -90,7 +96,7 @@ class CompositionalMuon(Muon):
         if adamw:
             groups.append(dict(kind="adamw", params=[p for _, p in adamw], lr=adamw_lr, betas=adamw_betas,
                                eps=adamw_eps, weight_decay=adamw_weight_decay))
-        opt = cls(groups, nonfinite=nonfinite, track_stats=track_stats)
+        opt = cls(groups, nonfinite=nonfinite, track_stats=track_stats, distributed=distributed)
         names = {id(p): n for n, p in model.named_parameters()}
         opt.routing = [(n, "cm", tuple(p.shape)) for n, p in cm] + [(n, "muon", tuple(p.shape)) for n, p in muon] + \
                       [(n, "adamw", tuple(p.shape)) for n, p in adamw]
@@ -205,7 +211,8 @@ class CompositionalMuon(Muon):
         plans = [(g, self._cm_plan(g)) for g in self.param_groups if g["kind"] == "cm"]
         for g, plan in plans:
             for item in plan:
-                if not all_finite(item["dA"], item["dB"]):
+                # "finite" is set (agreed across ranks) by the FSDP2 path
+                if not (item["finite"] if "finite" in item else all_finite(item["dA"], item["dB"])):
                     raise NonFiniteError(f"the CM update of {item['names']} is not finite (singular partner Gram "
                                          f"with lam={g['lam']}?); nothing was written")
         stats = {}
@@ -232,6 +239,9 @@ class CompositionalMuon(Muon):
             st = self.state[p]
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if any(_dist.is_dtensor(p) for p in params):  # FSDP2 / DTensor parameters
+            return _dist.sharded_cm_plan(self, group, cfg)
+        spread = _dist.replicated_group(self)  # DDP: split the layers among the ranks
         buckets: dict = {}
         for pair in group["cm_pairs"]:
             pa, pb = params[pair["a"][0]], params[pair["b"][0]]
@@ -256,20 +266,29 @@ class CompositionalMuon(Muon):
                                                  momentum_reproject=group["momentum_reproject"], cfg=cfg)
             # `hybrid` is an OV option: QK's A factor (W_q) is always per head.
             pair_cfg = cfg if key[0] == "ov" else dataclasses.replace(cfg, hybrid=False)
+            if spread is not None:
+                plan.append(dict(items=items, names=[it["name"] for it in items], A=A, B=B, ua=ua, ub=ub,
+                                 cfg=pair_cfg, new_ma=new_ma, new_mb=new_mb, kind=key[0]))
+                continue
             dA, dB = pair_update(A, B, ua, ub, float(group["lr"]), pair_cfg)
             plan.append(dict(items=items, names=[it["name"] for it in items], A=A, B=B, dA=dA, dB=dB,
                              new_ma=new_ma, new_mb=new_mb, kind=key[0]))
+        if spread is not None and plan:
+            _dist.spread_pair_updates(plan, float(group["lr"]), spread)
         return plan
 
     def _cm_apply(self, group: dict, plan: list, stats: dict) -> None:
         decay = float(group["lr"]) * group["weight_decay"]
         for item in plan:
+            if "apply" in item:  # FSDP2 gather fallback: writes this rank's rows of the pair's heads
+                item["apply"](decay)
+                continue
             for i, it in enumerate(item["items"]):
                 it["m"][0].copy_(item["new_ma"][i])
                 it["m"][1].copy_(item["new_mb"][i])
                 apply_update(it["w"][0], item["dA"][i], decay)
                 apply_update(it["w"][1], item["dB"][i], decay)
-            if self.track_stats:
+            if self.track_stats and item.get("stats", True):
                 s = pair_stats(item["A"], item["B"], item["dA"], item["dB"], item["kind"])
                 for i, name in enumerate(item["names"]):
                     stats[name] = {k: v[i] for k, v in s.items()}

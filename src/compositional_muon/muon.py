@@ -18,6 +18,7 @@ import numbers
 
 import torch
 
+from . import distributed as _dist
 from .msign import BACKENDS, msign
 from .routing import RoutedOptimizer
 
@@ -57,8 +58,11 @@ class Muon(RoutedOptimizer):
     ``ns_steps`` (5), ``adjust_lr_fn`` ("original" or
     "match_rms_adamw"), ``backend`` (msign backend, "newton_schulz" by default),
     ``msign_dtype`` (working precision of the iteration, bfloat16 by default),
-    ``nonfinite`` ("raise" or "skip" a step whose gradients hold NaN/inf).
-    Same-shape matrices of a group are orthogonalized in one batched call.
+    ``nonfinite`` ("raise" or "skip" a step whose gradients hold NaN/inf), ``distributed``
+    ("auto": under DDP each rank orthogonalizes a share of the matrices and the results are
+    all-gathered; False: every rank does all of them; see ``docs/distributed.md``).
+    Same-shape matrices of a group are orthogonalized in one batched call. DTensor (FSDP2)
+    parameters are supported: each matrix is gathered to one owner rank for its msign.
     """
 
     matrix_defaults = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
@@ -66,10 +70,11 @@ class Muon(RoutedOptimizer):
 
     def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str = "original",
-                 backend: str = "newton_schulz", msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise"):
+                 backend: str = "newton_schulz", msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise",
+                 distributed="auto"):
         super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, backend=backend,
-                                      msign_dtype=msign_dtype), nonfinite=nonfinite)
+                                      msign_dtype=msign_dtype), nonfinite=nonfinite, distributed=distributed)
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
@@ -94,6 +99,13 @@ class Muon(RoutedOptimizer):
         return out
 
     def _orthogonalize(self, group: dict, dirs: list) -> list:
+        """msign of every direction (distributed when the directions are DTensors or the work is
+        spread over DDP ranks, see :func:`distributed.orthogonalize`)."""
+        if _dist.wants_distributed(self, dirs):
+            return _dist.orthogonalize(self, group, dirs)
+        return self._orthogonalize_local(group, dirs)
+
+    def _orthogonalize_local(self, group: dict, dirs: list) -> list:
         """msign of every direction; same-shape, same-dtype matrices share one batched call."""
         steps = None if group["backend"] == "svd" else int(group["ns_steps"])
         out = [None] * len(dirs)
@@ -132,5 +144,5 @@ class MuonWithAuxAdam(Muon):
 
     require_use_muon = True
 
-    def __init__(self, param_groups, *, nonfinite: str = "raise"):
-        RoutedOptimizer.__init__(self, param_groups, None, nonfinite=nonfinite)
+    def __init__(self, param_groups, *, nonfinite: str = "raise", distributed="auto"):
+        RoutedOptimizer.__init__(self, param_groups, None, nonfinite=nonfinite, distributed=distributed)

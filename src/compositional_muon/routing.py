@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from . import distributed as _dist
 from .adamw import ADAMW_DEFAULTS, adamw_step
 from .cm import NonFiniteError
 
@@ -19,8 +20,12 @@ _NONFINITE = ("raise", "skip")
 
 
 def check_grads(param_groups) -> bool:
-    """Raise ``TypeError`` for sparse/complex grads; return whether every grad is finite (one sync)."""
+    """Raise ``TypeError`` for sparse/complex grads; return whether every grad is finite (one sync).
+
+    With DTensor (FSDP2) gradients each rank checks its shards and the verdict is agreed across
+    ranks (one tiny all-reduce), so all ranks raise or skip together."""
     flags = []
+    sharded = []
     for gi, group in enumerate(param_groups):
         for pi, p in enumerate(group["params"]):
             g = p.grad
@@ -31,7 +36,12 @@ def check_grads(param_groups) -> bool:
                 raise TypeError(f"{where} has a sparse gradient; this optimizer needs dense gradients")
             if g.is_complex() or p.is_complex():
                 raise TypeError(f"{where} is complex; this optimizer supports real parameters only")
+            if _dist.is_dtensor(g):
+                sharded.append(g)
+                g = g.to_local()
             flags.append(torch.isfinite(g).all())
+    if sharded:
+        return _dist.grads_finite(flags, _dist.dtensor_groups(sharded), sharded[0].device)
     return not flags or bool(torch.stack(flags).all())
 
 
@@ -40,6 +50,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     Subclasses set ``matrix_defaults`` (the matrix rule's hyperparameters) and implement
     ``_matrix_step(group, params)`` for the params of a group that have a gradient.
+    ``distributed`` ("auto", True, False): see :mod:`compositional_muon.distributed`.
     """
 
     matrix_defaults: dict = {}
@@ -48,10 +59,16 @@ class RoutedOptimizer(torch.optim.Optimizer):
     require_use_muon: bool = False  # MuonWithAuxAdam insists on the flag
     min_matrix_ndim: int = 2
 
-    def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "raise"):
+    def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "raise", distributed="auto"):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected one of {_NONFINITE}")
+        if not (isinstance(distributed, bool) or distributed == "auto"):
+            raise ValueError(f"`distributed` must be 'auto', True or False, got {distributed!r}")
         self.nonfinite = nonfinite
+        # "auto": spread the msign work of replicated (DDP) parameters over the ranks when
+        # torch.distributed is initialized; False: never (see distributed.py). DTensor (FSDP2)
+        # parameters always take the shard-aware path.
+        self.distributed = distributed
         self._matrix_defaults = {**self.matrix_defaults, **(defaults or {})}
         # torch.optim.Optimizer needs a defaults dict; schedulers such as OneCycleLR look for
         # "momentum" or "betas" in it, so expose the matrix rule's defaults.

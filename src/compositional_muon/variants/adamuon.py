@@ -73,11 +73,11 @@ class AdaMuon(Muon):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, beta2: float | None = None,
                  eps: float = 1e-8, weight_decay: float = 0.01, nesterov: bool = True, sign_stabilize: bool = True,
                  ns_steps: int = 5, backend: str = "newton_schulz", msign_dtype: torch.dtype | None = None, *,
-                 nonfinite: str = "raise"):
+                 nonfinite: str = "raise", distributed="auto"):
         RoutedOptimizer.__init__(self, params, dict(
             lr=lr, momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov, sign_stabilize=sign_stabilize,
             weight_decay=weight_decay, ns_steps=ns_steps, backend=backend, msign_dtype=msign_dtype),
-            nonfinite=nonfinite)
+            nonfinite=nonfinite, distributed=distributed)
 
     def _validate_group(self, group: dict) -> None:
         RoutedOptimizer._validate_group(self, group)  # Muon's checks minus adjust_lr_fn (unused here)

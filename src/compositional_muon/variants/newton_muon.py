@@ -26,6 +26,7 @@ from itertools import chain
 import torch
 from torch import nn
 
+from .. import distributed as _dist
 from ..muon import Muon, as_matrix, muon_momentum
 from ..routing import RoutedOptimizer
 
@@ -106,13 +107,15 @@ class NewtonMuonHooks:
         self.remove()
 
 
-def _make_hook(opt: "NewtonMuon"):
+def _make_hook(opt: "NewtonMuon", weight):
     ref = weakref.ref(opt)  # the module must not keep the optimizer alive
 
     def hook(module, args):
         o = ref()
         if o is not None and module.training and torch.is_grad_enabled() and args:
-            o._capture(module.weight, args[0])
+            # the weight registered with the optimizer: under FSDP2 `module.weight` is the
+            # unsharded tensor during forward, not the sharded parameter the optimizer holds
+            o._capture(weight, args[0])
 
     return hook
 
@@ -151,12 +154,12 @@ class NewtonMuon(Muon):
                  weight_decay: float = 0.0, adjust_lr_fn: str = "original", backend: str = "newton_schulz",
                  msign_dtype: torch.dtype | None = None, refresh_interval: int = 32, precond_beta: float = 0.95,
                  ridge: float = 0.2, precond_init: float = 1e-3, precond_eps: float = 1e-8, *,
-                 nonfinite: str = "raise"):
+                 nonfinite: str = "raise", distributed="auto"):
         RoutedOptimizer.__init__(self, params, dict(
             lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
             adjust_lr_fn=adjust_lr_fn, backend=backend, msign_dtype=msign_dtype, refresh_interval=refresh_interval,
             precond_beta=precond_beta, ridge=ridge, precond_init=precond_init, precond_eps=precond_eps),
-            nonfinite=nonfinite)
+            nonfinite=nonfinite, distributed=distributed)
         self._hooks: list = []  # [module, handle, weight, nblocks]
         self._sources: dict = {}  # weight -> number of diagonal blocks of its K
         self._groups: dict = {}  # weight -> its param group
@@ -223,7 +226,7 @@ class NewtonMuon(Muon):
         for mod, w, nb in plan:
             self._sources[w] = nb
             self._groups[w] = matrix[id(w)]
-            entry = [mod, mod.register_forward_pre_hook(_make_hook(self)), w, nb]
+            entry = [mod, mod.register_forward_pre_hook(_make_hook(self, w)), w, nb]
             self._hooks.append(entry)
             entries.append(entry)
         if warn:
@@ -290,6 +293,21 @@ class NewtonMuon(Muon):
 
     def _before_step(self) -> None:
         self._warn_unhooked()
+        if _dist.wants_distributed(self, self._sources):
+            # data parallel: each rank saw its own inputs; K must be the full-batch second moment
+            due = []
+            for g in self.param_groups:
+                if not g["use_muon"]:
+                    continue
+                for p in g["params"]:
+                    nb = self._sources.get(p)
+                    if nb is None or p.grad is None:
+                        continue
+                    st = self.state.get(p)
+                    if ((st.get("step", 0) if st else 0) + 1) % int(g["refresh_interval"]) == 0:
+                        n = as_matrix(p).size(1)
+                        due.append((p, (n, n) if nb == 1 else (nb, n // nb, n // nb)))
+            _dist.average_grams(self, due)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -317,7 +335,8 @@ class NewtonMuon(Muon):
                     st["precond_inv"] = eye.clone()
                 if (st["step"] + 1) % group["refresh_interval"] == 0:
                     self._refresh(p, st, group)
-                g = newton_precondition(as_matrix(g), st["precond_inv"]).reshape(p.shape)
+                K_inv = st["precond_inv"]  # K acts on the input (unsharded) dim: row shards are local
+                g = _dist.map_local(g, lambda x, K_inv=K_inv: newton_precondition(as_matrix(x), K_inv).reshape(x.shape))
             st["step"] += 1
             out.append(as_matrix(muon_momentum(st["momentum_buffer"], g, group["momentum"], group["nesterov"])))
         return out

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from .. import distributed as _dist
 from ..muon import Muon, shape_scale
 from ..routing import RoutedOptimizer
 
@@ -82,11 +83,11 @@ class NorMuon(Muon):
     def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, beta2: float = 0.95, eps: float = 1e-10,
                  weight_decay: float = 0.0, nesterov: bool = False, scale: str = "paper",
                  adjust_lr_fn: str = "original", ns_steps: int = 5, backend: str = "newton_schulz",
-                 msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise"):
+                 msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise", distributed="auto"):
         RoutedOptimizer.__init__(self, params, dict(
             lr=lr, momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov, weight_decay=weight_decay,
             scale=scale, adjust_lr_fn=adjust_lr_fn, ns_steps=ns_steps, backend=backend, msign_dtype=msign_dtype),
-            nonfinite=nonfinite)
+            nonfinite=nonfinite, distributed=distributed)
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
@@ -104,7 +105,8 @@ class NorMuon(Muon):
         for p, z in zip(params, zs):
             st = self.state[p]
             if "second_moment" not in st:
-                st["second_moment"] = torch.zeros(z.size(0), 1, dtype=p.dtype, device=p.device)
+                # row-sharded like z under FSDP2 (a plain zeros(m, 1) otherwise)
+                st["second_moment"] = _dist.zeros_rows(z, 1, p.dtype)
             v = st["second_moment"]
             u, new_v = normuon_normalize(z, v, group["beta2"], group["eps"], scale=group["scale"],
                                          adjust_lr_fn=group["adjust_lr_fn"])
