@@ -438,3 +438,13 @@ def test_diagnostics_per_head_steps_and_composed_norms():
     opt2 = CompositionalMuon.from_model(copy.deepcopy(m), lr=0.1, lam=0.0, track_stats=False, **EXACT)
     train(m, opt2, 1)
     assert opt2.last_stats == {}
+
+
+def test_from_model_msign_dtype_reaches_the_muon_group():
+    """One precision for the whole model: ``msign_dtype`` given to from_model also sets the Muon group's."""
+    from compositional_muon.models import GPT, GPTConfig
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    opt = CompositionalMuon.from_model(model, msign_dtype=torch.float64)
+    kinds = {g["kind"]: g for g in opt.param_groups}
+    assert kinds["muon"]["msign_dtype"] == torch.float64 and kinds["cm"]["msign_dtype"] == torch.float64
+    assert {g["kind"]: g for g in CompositionalMuon.from_model(model).param_groups}["muon"]["msign_dtype"] is None

@@ -124,3 +124,24 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert proc.returncode == 130, err.decode()
     ck = load_checkpoint(os.path.join(out, "last.pt"))
     assert ck["step"] >= 3 and ck["step"] == len(_metrics(out))
+
+
+def test_torchrun_fsdp2_split_and_resume_matches_single_process(tmp_path):
+    """`torchrun --nproc_per_node=2 -m compositional_muon.train --dist fsdp2`, stopped and resumed
+    from its DCP checkpoint, follows the single-process run's losses."""
+    common = TINY + ["--steps", "6", "--ckpt-interval", "0", "--device", "cpu", "--threads", "1"]
+    single = str(tmp_path / "single")
+    run(parse_args(common + ["--out", single]))
+    out = str(tmp_path / "fsdp")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "compositional_muon.train", "--dist", "fsdp2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for extra in (["--stop-after", "3"], ["--resume", "auto"]):
+        r = subprocess.run(torchrun + common + ["--out", out] + extra, env=env, capture_output=True, text=True,
+                           timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert os.path.isfile(os.path.join(out, "last_dcp", "train_state.pt"))
+    a, b = _metrics(single), _metrics(out)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)

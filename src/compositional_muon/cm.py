@@ -17,19 +17,24 @@ the half-split rule is ``dA_h = -(eta/2) C_B^{-1} msign(C_B^{-1} U_A,h)`` and
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from .connection import CONNECTIONS, horizontal_projection
-from .inverse_root import NEWTON_ITERS, ROOT_METHODS, gram_eigh, inverse_sqrt, inverse_sqrt_newton
-from .msign import BACKENDS, msign
+from .inverse_root import (NEWTON_ITERS, ROOT_METHODS, gram_eigh, inverse_cholesky_factor, inverse_sqrt,
+                           inverse_sqrt_newton)
+from .msign import BACKENDS, default_msign_dtype, msign
 
 __all__ = [
     "cm_qk",
     "cm_ov",
     "CMConfig",
     "pair_update",
+    "compiled_pair_update",
     "NonFiniteError",
     "cm_momentum",
     "METHODS",
@@ -98,9 +103,33 @@ def _choice(name: str, value, options) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def _partner_roots(A: torch.Tensor, B: torch.Tensor, cfg: CMConfig, need_eigh: bool):
-    """Inverse partner roots ``(R_B, R_A)``, each ``(L, Hkv, d, d)`` (or ``(L, Hkv, 1, 1)`` if isotropic),
-    plus the eigendecompositions ``(eig_a, eig_b)`` of the grouped Grams when they were computed."""
+class _Roots(NamedTuple):
+    """Partner whitening factors of one pair: ``pre_*`` multiply the momentum before msign,
+    ``post_*`` the msign after it (``(L, Hkv, d, d)``, or ``(L, Hkv, 1, 1)`` if isotropic). For the
+    symmetric root ``C^{-1}`` both are ``C^{-1}``; for the Cholesky factor ``C^2 = L L^T`` they are
+    ``L^{-1}`` and ``L^{-T}`` (same update, see :func:`_partner_roots`). ``eig_*`` and ``grams``
+    are reused by the gauge connections when they were computed."""
+
+    pre_b: torch.Tensor
+    pre_a: torch.Tensor
+    post_b: torch.Tensor
+    post_a: torch.Tensor
+    eig_a: tuple | None = None
+    eig_b: tuple | None = None
+    grams: tuple | None = None
+
+
+def _partner_roots(A: torch.Tensor, B: torch.Tensor, cfg: CMConfig, need_eigh: bool) -> _Roots:
+    """Whitening factors for ``B``'s partner root (applied to ``A``'s update) and ``A``'s grouped
+    partner root (applied to ``B``'s), plus the eigendecompositions of the grouped Grams when
+    they were computed (gauge connections need them).
+
+    Root paths: the symmetric ``C^{-1}`` by ``eigh`` or Newton, and, with ``root_method="auto"`` on
+    CPU for the half-split rule whitened on both sides, the Cholesky factor ``C^2 = L L^T``: with
+    ``L = C Q`` (``Q`` orthogonal) ``L^{-T} msign(L^{-1} U) = C^{-1} Q Q^T msign(C^{-1} U)``, the
+    same update, because ``msign(Q^T X) = Q^T msign(X)``; per-head or hybrid, a left orthogonal
+    factor (block-diagonal over heads) commutes with msign. One batched Cholesky plus a
+    triangular solve is ~5x cheaper than a batched ``eigh`` of the same ``d x d`` Grams on CPU."""
     L, hkv, d = B.size(0), B.size(1), B.size(2)
     work = torch.float64 if A.dtype == torch.float64 else torch.float32
     if cfg.isotropic and not need_eigh:
@@ -108,31 +137,38 @@ def _partner_roots(A: torch.Tensor, B: torch.Tensor, cfg: CMConfig, need_eigh: b
         sq_b = B.to(work).square().sum(dim=(-2, -1))
         r_a = (sq_a / d + cfg.lam).rsqrt()[..., None, None]
         r_b = (sq_b / d + cfg.lam).rsqrt()[..., None, None]
-        return r_b, r_a, None, None
+        return _Roots(r_b, r_a, r_b, r_a)
     Aw, Bw = A.to(work), B.to(work)
     Ga = (Aw @ Aw.mT).unflatten(1, (hkv, -1)).sum(2)  # (L, Hkv, d, d): stacked group Gram
     Gb = Bw @ Bw.mT
     if cfg.isotropic:
         r_a = (Ga.diagonal(dim1=-2, dim2=-1).sum(-1) / d + cfg.lam).rsqrt()[..., None, None]
         r_b = (Gb.diagonal(dim1=-2, dim2=-1).sum(-1) / d + cfg.lam).rsqrt()[..., None, None]
-        return r_b, r_a, gram_eigh(Ga), gram_eigh(Gb)
+        return _Roots(r_b, r_a, r_b, r_a, gram_eigh(Ga), gram_eigh(Gb), (Ga, Gb))
     method = cfg.root_method
     if method == "auto":
-        method = "eigh" if (A.device.type == "cpu" or need_eigh) else "newton"
+        if (A.device.type == "cpu" and not need_eigh and cfg.method == "half_split"
+                and cfg.whitening == "both"):
+            method = "cholesky"
+        else:
+            method = "eigh" if (A.device.type == "cpu" or need_eigh) else "newton"
+    if method == "cholesky":
+        inv_b, inv_a = inverse_cholesky_factor(torch.stack((Gb, Ga)), cfg.lam).unbind(0)
+        return _Roots(inv_b, inv_a, inv_b.mT, inv_a.mT, grams=(Ga, Gb))
     if method == "newton":
-        return (
-            inverse_sqrt_newton(Gb, cfg.lam, cfg.root_iters),
-            inverse_sqrt_newton(Ga, cfg.lam, cfg.root_iters),
-            None,
-            None,
-        )
-    eig_a, eig_b = gram_eigh(Ga), gram_eigh(Gb)
+        r_b = inverse_sqrt_newton(Gb, cfg.lam, cfg.root_iters)
+        r_a = inverse_sqrt_newton(Ga, cfg.lam, cfg.root_iters)
+        return _Roots(r_b, r_a, r_b, r_a, grams=(Ga, Gb))
+    # one batched eigh for both Grams (same shape)
+    s, U = gram_eigh(torch.stack((Ga, Gb)))
+    eig_a, eig_b = (s[0], U[0]), (s[1], U[1])
 
     def root(eig):
         s, U = eig
         return (U * (s + cfg.lam).rsqrt().unsqueeze(-2)) @ U.mT
 
-    return root(eig_b), root(eig_a), eig_a, eig_b
+    r_b, r_a = root(eig_b), root(eig_a)
+    return _Roots(r_b, r_a, r_b, r_a, eig_a, eig_b, (Ga, Gb))
 
 
 def _left(R: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
@@ -148,12 +184,19 @@ def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig):
     ``A, Ua``: ``(L, H, d, D)``; ``B, Ub``: ``(L, Hkv, d, D)`` with ``H % Hkv == 0``. ``Ua, Ub``
     are the (momentum) directions to descend along; ``A, B`` the current weights, from which the
     partner roots are computed. Returns updates in the dtype of ``Ua`` / ``Ub``.
+
+    Every head of every layer goes through one batched call per stage: the roots are batched
+    ``d x d`` factorizations, the whitenings batched matmuls, and the per-head msigns of both
+    factors one batched msign (``(L, Hkv, G + 1, d, D)``); the step ``-eta/2`` is folded into the
+    small post-whitening factors instead of a pass over the update. See :func:`compiled_pair_update`
+    for the ``torch.compile`` path.
     """
     L, H, d, D = A.shape
     hkv = B.size(1)
     G = H // hkv
     need_eigh = cfg.connection in ("frobenius", "scale_aware")
-    R_b, R_a, eig_a, eig_b = _partner_roots(A, B, cfg, need_eigh)
+    roots = _partner_roots(A, B, cfg, need_eigh)
+    R_b, R_a = roots.pre_b, roots.pre_a
     pre = cfg.whitening in ("both", "pre")
     post = cfg.whitening in ("both", "post")
 
@@ -168,9 +211,10 @@ def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig):
         scale = eta / 2
         if cfg.hybrid:
             Za = msign(Xa.reshape(L, H * d, D), **ms).reshape(L, hkv, G, d, D)
-        else:
-            Za = msign(Xa, **ms)
-        Zb = msign(Xb, **ms)
+            Zb = msign(Xb, **ms)
+        else:  # every head of both factors in one batched msign
+            Z = msign(torch.cat((Xa, Xb), dim=2), **ms)
+            Za, Zb = Z[:, :, :G], Z[:, :, G:]
     else:  # joint: one msign per group over [A_1 | ... | A_G | B] (d x (G+1) D), step eta
         scale = eta
         if cfg.hybrid:
@@ -188,16 +232,45 @@ def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig):
             Za = Z[..., : G * D].unflatten(-1, (G, D)).movedim(-2, 2)
             Zb = Z[..., G * D :].unsqueeze(2)
 
-    dA = _left(R_b, Za) if post else Za
-    dB = _left(R_a, Zb) if post else Zb
+    # The step -scale rides on the small d x d post factors (or on the per-layer renorm ratio);
+    # only whitening "pre"/"none" without renorm needs a pass over the update for it.
+    k = 1.0 if cfg.per_mat_renorm else -scale
+    dA = _left(roots.post_b * k, Za) if post else Za * k
+    dB = _left(roots.post_a * k, Zb) if post else Zb * k
     if cfg.per_mat_renorm:
-        dA = dA * _norm_ratio(Za, dA)
-        dB = dB * _norm_ratio(Zb, dB)
-    dA = (-scale * dA).flatten(1, 2)
-    dB = (-scale * dB).squeeze(2)
+        dA = dA * (_norm_ratio(Za, dA) * -scale)
+        dB = dB * (_norm_ratio(Zb, dB) * -scale)
+    dA = dA.flatten(1, 2)
+    dB = dB.squeeze(2)
     if cfg.connection != "none":
-        dA, dB = horizontal_projection(A.to(work), B.to(work), dA, dB, cfg.connection, cfg.lam, eig_a, eig_b)
+        dA, dB = horizontal_projection(A.to(work), B.to(work), dA, dB, cfg.connection, cfg.lam, roots.eig_a,
+                                       roots.eig_b, grams=roots.grams)
     return dA.to(Ua.dtype), dB.to(Ub.dtype)
+
+
+_COMPILED: dict = {}
+
+
+def compiled_pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, **compile_options):
+    """:func:`pair_update` through ``torch.compile`` (same arguments, same result up to rounding).
+
+    One compiled graph per configuration (and input shapes / dtypes / device, which
+    ``torch.compile`` guards on); ``eta`` enters as a 0-d tensor so a learning-rate schedule does
+    not recompile, and ``msign_dtype=None`` is resolved to the device's precision first.
+    ``compile_options`` go to ``torch.compile`` (e.g. ``mode="max-autotune-no-cudagraphs"``).
+    Raises RuntimeError where ``torch.compile`` is unavailable.
+    """
+    if not hasattr(torch, "compile"):
+        raise RuntimeError("torch.compile is not available in this torch build")
+    if cfg.msign_dtype is None and cfg.msign_backend != "svd":
+        cfg = dataclasses.replace(cfg, msign_dtype=default_msign_dtype(A.device))
+    key = (cfg, tuple(sorted(compile_options.items())))
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = _COMPILED[key] = torch.compile(functools.partial(pair_update, cfg=cfg), dynamic=False,
+                                            **compile_options)
+    work = torch.float64 if A.dtype == torch.float64 else torch.float32
+    return fn(A, B, Ua, Ub, torch.tensor(float(eta), dtype=work, device=A.device))
 
 
 def _norm_ratio(ref: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,8 @@ class CompositionalMuon(Muon):
 
         ``attention``: explicit :class:`AttentionSpec` list (default: :func:`find_attention` with
         the ``head_dim`` / ``num_heads`` / ``num_kv_heads`` overrides). ``cm_options`` are the CM
-        group options (``momentum``, ``method``, ``isotropic``, ...). ``verbose`` prints
+        group options (``momentum``, ``method``, ``isotropic``, ...); ``msign_dtype`` also sets the
+        Muon group's iteration precision (one precision for the whole model). ``verbose`` prints
         :meth:`summary`. Raises ValueError when no attention is found (use :class:`Muon` then).
         Under DDP pass the wrapped model's ``.module`` (or the model before wrapping); under FSDP2
         pass the model after ``fully_shard``.
@@ -92,7 +93,8 @@ class CompositionalMuon(Muon):
         groups = [dict(kind="cm", attention=specs, lr=lr, weight_decay=weight_decay, **cm_options)]
         if muon:
             groups.append(dict(kind="muon", params=[p for _, p in muon], lr=muon_lr, momentum=muon_momentum,
-                               weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay))
+                               weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay,
+                               msign_dtype=cm_options.get("msign_dtype")))
         if adamw:
             groups.append(dict(kind="adamw", params=[p for _, p in adamw], lr=adamw_lr, betas=adamw_betas,
                                eps=adamw_eps, weight_decay=adamw_weight_decay))

@@ -43,11 +43,13 @@ def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(dim=(-2, -1))
 
 
-def vertical_coefficient(A, B, P, Q, connection: str, lam: float, eig_a=None, eig_b=None) -> torch.Tensor:
+def vertical_coefficient(A, B, P, Q, connection: str, lam: float, eig_a=None, eig_b=None, *,
+                         grams=None) -> torch.Tensor:
     """The gauge generator ``X`` (``(..., Hkv, d, d)``; ``(..., Hkv, 1, 1)`` for scalar connections).
 
     ``eig_a`` / ``eig_b`` optionally pass precomputed ``gram_eigh`` of the grouped ``G_A`` and
-    ``G_B`` (shape ``(..., Hkv, d, d)``) so a caller that already has them avoids a second eigh.
+    ``G_B`` (shape ``(..., Hkv, d, d)``) so a caller that already has them avoids a second eigh;
+    ``grams`` likewise passes ``(G_A, G_B)`` themselves (used by ``"scale_aware_scalar"``).
     """
     hkv = B.size(-3)
     Ag, Pg = _grouped(A, hkv), _grouped(P, hkv)
@@ -58,12 +60,15 @@ def vertical_coefficient(A, B, P, Q, connection: str, lam: float, eig_a=None, ei
             num = _inner(Pg, Ag).sum(-1) - _inner(Q, B)
             den = _inner(Ag, Ag).sum(-1) + _inner(B, B)
         else:  # scale_aware_scalar
-            Gb = B @ B.mT
-            Ga = (Ag @ Ag.mT).sum(-3)
+            if grams is not None:
+                Ga, Gb = (g.to(work) for g in grams)
+            else:
+                Ga, Gb = (Ag @ Ag.mT).sum(-3), B @ B.mT
             Cb2 = Gb + lam * torch.eye(Gb.size(-1), dtype=work, device=Gb.device)
             Ca2 = Ga + lam * torch.eye(Ga.size(-1), dtype=work, device=Ga.device)
             num = _inner(Ag, Cb2.unsqueeze(-3) @ Pg).sum(-1) - _inner(B, Ca2 @ Q)
-            den = _inner(Ag, Cb2.unsqueeze(-3) @ Ag).sum(-1) + _inner(B, Ca2 @ B)
+            # sum_h <A_h, C_B^2 A_h> = <C_B^2, G_A> and <B, C_A^2 B> = <C_A^2, G_B>: d x d, no pass over A, B
+            den = _inner(Cb2, Ga) + _inner(Ca2, Gb)
         safe = den > torch.finfo(work).tiny
         x = torch.where(safe, num / torch.where(safe, den, torch.ones_like(den)), torch.zeros_like(num))
         return x[..., None, None]
@@ -95,17 +100,18 @@ def _safe_divide(num: torch.Tensor, denom: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, num / torch.where(ok, denom, torch.ones_like(denom)), torch.zeros_like(num))
 
 
-def horizontal_projection(A, B, P, Q, connection: str, lam: float, eig_a=None, eig_b=None):
+def horizontal_projection(A, B, P, Q, connection: str, lam: float, eig_a=None, eig_b=None, *, grams=None):
     """Return ``(P', Q')``: the update ``(P, Q)`` minus its vertical component in the metric named
     by ``connection``. Shapes: ``A, P`` ``(..., H, d, D)``; ``B, Q`` ``(..., Hkv, d, D)``.
     ``"none"`` returns the inputs unchanged. The first-order change of every product
-    ``P_h^T B_g + A_h^T Q_g`` is the same before and after."""
+    ``P_h^T B_g + A_h^T Q_g`` is the same before and after. ``eig_a``, ``eig_b``, ``grams``: optional
+    precomputed Gram data, see :func:`vertical_coefficient`."""
     if connection == "none":
         return P, Q
     if connection not in CONNECTIONS:
         raise ValueError(f"unknown connection {connection!r}; expected one of {CONNECTIONS}")
     hkv = B.size(-3)
-    X = vertical_coefficient(A, B, P, Q, connection, lam, eig_a, eig_b)
+    X = vertical_coefficient(A, B, P, Q, connection, lam, eig_a, eig_b, grams=grams)
     Ag = _grouped(A, hkv).to(X.dtype)
     if X.size(-1) == 1:  # scalar gauge
         dP = X.unsqueeze(-3) * Ag

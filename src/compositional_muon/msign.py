@@ -15,15 +15,22 @@ ratio:
   values below ``max(S) * max(m, n) * eps(dtype)`` count as zero, so ``msign`` of a rank-``r``
   matrix is the rank-``r`` partial isometry and ``msign(0) = 0``.
 
-The iterative backends run in ``dtype`` (default bfloat16, as Muon does; pass ``torch.float32``
-or ``torch.float64`` for more precision) and return the input's dtype.
+The iterative backends run in ``dtype`` and return the input's dtype. With ``dtype=None``
+:func:`msign` uses :func:`default_msign_dtype` of the input's device: bfloat16 on accelerators (as
+Muon does), and on CPU bfloat16 only where the CPU has a native bf16 dot product (AMX / AVX512-BF16 flags),
+float32 otherwise: a CPU without native bf16 runs a bf16 matmul 15-50x slower than a float32 one, and float32 is also the more accurate choice (see
+``docs/performance.md``). Pass ``torch.bfloat16``, ``torch.float32`` or ``torch.float64`` to fix it.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 __all__ = [
     "msign",
+    "default_msign_dtype",
+    "cpu_has_native_bf16",
     "newton_schulz",
     "polar_express",
     "svd_polar",
@@ -55,6 +62,53 @@ BACKENDS = ("polar_express", "newton_schulz", "svd")
 _DEFAULT_STEPS = {"polar_express": 8, "newton_schulz": 5}
 _EPS = 1e-7
 
+# ``dtype=None`` -> a working precision per device type (see default_msign_dtype).
+DTYPE_ENV = "COMPOSITIONAL_MUON_MSIGN_DTYPE"
+_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
+                "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 GEMM on x86 CPUs
+_default_dtypes: dict = {}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool:
+    """True when the CPU advertises a native bf16 dot product (x86 ``avx512_bf16`` / ``amx_bf16``
+    in ``/proc/cpuinfo``, or aarch64 ``bf16``). ``cpuinfo`` overrides the file's text (tests)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    flags = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            flags.update(value.split())
+    return any(f in flags for f in _BF16_CPU_FLAGS) or "bf16" in flags
+
+
+def default_msign_dtype(device: torch.device | str | None = None) -> torch.dtype:
+    """The iteration precision :func:`msign` uses when ``dtype=None`` on ``device``.
+
+    Accelerators (CUDA, ...): bfloat16. CPU: bfloat16 when the CPU has a native bf16 dot product
+    (:func:`cpu_has_native_bf16`), else float32: without one a bf16 matmul is emulated and runs
+    15-50x slower than float32 (measured on an AVX2 EPYC, ``docs/performance.md``). The rule is
+    deterministic (no timing), so two processes on one machine always agree. The environment
+    variable ``COMPOSITIONAL_MUON_MSIGN_DTYPE`` (``bfloat16`` / ``float32`` / ...) overrides it.
+    """
+    env = os.environ.get(DTYPE_ENV)
+    if env:
+        if env.lower() not in _DTYPE_NAMES:
+            raise ValueError(f"{DTYPE_ENV}={env!r}; expected one of {sorted(_DTYPE_NAMES)}")
+        return _DTYPE_NAMES[env.lower()]
+    kind = torch.device(device).type if device is not None else "cpu"
+    if kind not in _default_dtypes:
+        if kind == "cpu":
+            _default_dtypes[kind] = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        else:
+            _default_dtypes[kind] = torch.bfloat16
+    return _default_dtypes[kind]
+
 
 def _check(x: torch.Tensor) -> None:
     if not isinstance(x, torch.Tensor):
@@ -83,16 +137,24 @@ def _polynomial_msign(x: torch.Tensor, coeffs, dtype: torch.dtype, norm_scale: f
     if len(coeffs) < 1:
         raise ValueError("msign needs at least one iteration step")
     out_dtype = x.dtype
+    shape = x.shape
     transposed = x.size(-2) > x.size(-1)
-    y = (x.mT if transposed else x).to(dtype)
+    y = (x.mT if transposed else x).to(dtype)  # no copy when x is already in the working dtype
     # Frobenius norm in float32 at least, so a bf16 input cannot overflow the square sum.
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     norm = torch.linalg.matrix_norm(y.to(acc), keepdim=True)
-    y = (y.to(acc) / (norm * norm_scale + _EPS)).to(dtype)
+    # One fresh, contiguous (batch, m, n) tensor in the working dtype (m <= n). Each step is
+    # y <- (a I + b A + c A^2) y with A = y y^T: the polynomial is formed on the small m x m side
+    # (one GEMM-with-bias and a diagonal add), so the m x n iterate sees two GEMMs and no
+    # elementwise pass or copy.
+    y = (y.to(acc) / (norm * norm_scale + _EPS)).to(dtype).contiguous()
+    y = y.flatten(0, -3) if y.ndim > 2 else y.unsqueeze(0)
     for a, b, c in coeffs:
-        A = y @ y.mT
-        B = b * A + c * (A @ A)
-        y = a * y + B @ y
+        A = torch.bmm(y, y.mT)
+        Q = torch.baddbmm(A, A, A, beta=b, alpha=c)
+        Q.diagonal(dim1=-2, dim2=-1).add_(a)
+        y = torch.bmm(Q, y)
+    y = y.unflatten(0, shape[:-2]) if len(shape) > 2 else y.squeeze(0)
     return (y.mT if transposed else y).to(out_dtype)
 
 
@@ -117,7 +179,8 @@ def msign(
 
     ``backend`` is one of ``"polar_express"`` (default), ``"newton_schulz"`` or ``"svd"``;
     ``steps`` overrides the iterative backends' step count (8 and 5); ``dtype`` is the iteration's
-    working precision (default bfloat16; ignored by ``"svd"``, which works in ``x.dtype``).
+    working precision (None: :func:`default_msign_dtype` of ``x.device``, bfloat16 on accelerators;
+    ignored by ``"svd"``, which works in ``x.dtype``).
     """
     _check(x)
     if backend == "svd":
@@ -129,7 +192,7 @@ def msign(
     n = _DEFAULT_STEPS[backend] if steps is None else int(steps)
     if n < 1:
         raise ValueError(f"msign `steps` must be >= 1, got {steps}")
-    work = torch.bfloat16 if dtype is None else dtype
+    work = default_msign_dtype(x.device) if dtype is None else dtype
     if backend == "newton_schulz":
         return newton_schulz(x, n, dtype=work)
     return polar_express(x, n, dtype=work)

@@ -57,7 +57,7 @@ class Muon(RoutedOptimizer):
     ``weight_decay`` (0, decoupled: ``W <- (1 - lr*wd) W``), ``momentum`` (0.95), ``nesterov`` (True),
     ``ns_steps`` (5), ``adjust_lr_fn`` ("original" or
     "match_rms_adamw"), ``backend`` (msign backend, "newton_schulz" by default),
-    ``msign_dtype`` (working precision of the iteration, bfloat16 by default),
+    ``msign_dtype`` (working precision of the iteration; None: :func:`~compositional_muon.msign.default_msign_dtype`),
     ``nonfinite`` ("raise" or "skip" a step whose gradients hold NaN/inf), ``distributed``
     ("auto": under DDP each rank orthogonalizes a share of the matrices and the results are
     all-gathered; False: every rank does all of them; see ``docs/distributed.md``).

@@ -186,23 +186,23 @@ class Progress:
 
 
 @torch.no_grad()
-def evaluate(model, data, args, device) -> float:
+def evaluate(model, data, args, device, dist=None) -> float:
     was = model.training
     model.eval()
     losses = []
+    shard = dist.shard if dist is not None else (lambda t: t)
     for _ in range(args.eval_iters):
         x, y = data.get_batch("val", args.batch_size, args.block_size, device)
-        losses.append(model(x, y)[1].item())
+        losses.append(model(shard(x), shard(y))[1].item())
     model.train(was)
     return sum(losses) / len(losses)
 
 
-def _resolve_resume(args):
+def _resolve_resume(args, ckpt_path: str):
     if args.resume is None:
         return None
     if args.resume == "auto":
-        path = os.path.join(args.out, "last.pt")
-        return path if os.path.exists(path) else None
+        return ckpt_path if os.path.exists(ckpt_path) else None
     return args.resume
 
 
@@ -239,65 +239,128 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    if args.dist != "none":
-        from . import distributed  # noqa: F401  (wired when running under torchrun)
-        raise SystemExit("--dist needs the distributed module's launcher; see docs/distributed.md")
     for name in ("steps", "batch_size", "eval_iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    dist = _Dist(args, device)
+    try:
+        return _run(args, dist)
+    finally:
+        dist.cleanup()
+
+
+class _Dist:
+    """Single process, or DDP / FSDP2 under torchrun (see docs/distributed.md)."""
+
+    def __init__(self, args, device):
+        self.mode, self.rank, self.world, self.device = args.dist, 0, 1, device
+        if self.mode == "none":
+            return
+        from . import distributed as D
+        self.D = D
+        info = D.setup_distributed("gloo" if device.type == "cpu" else None)
+        self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        if args.batch_size % self.world:
+            raise ValueError(f"--batch-size {args.batch_size} (global) is not divisible by the world size {self.world}")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def wrap(self, model):
+        return model if self.mode == "none" else self.D.wrap_model(model, self.mode)
+
+    def core(self, model):
+        return model if self.mode == "none" else self.D.unwrap_model(model)
+
+    def shard(self, x):
+        """This rank's rows of a global batch."""
+        if self.world == 1:
+            return x
+        b = x.size(0) // self.world
+        return x[self.rank * b:(self.rank + 1) * b]
+
+    def mean(self, v: float) -> float:
+        return v if self.mode == "none" else float(self.D.all_reduce_mean(v))
+
+    def cleanup(self) -> None:
+        if self.mode != "none":
+            self.D.cleanup_distributed()
+
+
+def _run(args, dist: "_Dist") -> dict:
+    device = dist.device
     mcfg, ocfg = model_config(args), optimizer_config(args)
     data = load_dataset(args.data, seed=args.seed, block_size=args.block_size)
     mcfg["vocab_size"] = data.vocab_size
-    torch.manual_seed(args.seed)
-    model = build_model(args.model, **mcfg).to(device)
-    opt = build_optimizer(ocfg["name"], model, lr=ocfg["lr"], adamw_lr=ocfg["adamw_lr"],
+    torch.manual_seed(args.seed)  # the same initial weights on every rank
+    model = dist.wrap(build_model(args.model, **mcfg).to(device))
+    opt = build_optimizer(ocfg["name"], dist.core(model), lr=ocfg["lr"], adamw_lr=ocfg["adamw_lr"],
                           weight_decay=ocfg["weight_decay"], options=ocfg["options"])
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, args.steps, args.warmup, args.schedule, args.min_lr_ratio))
     os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "last.pt")
+    # single process: one atomic .pt file; distributed: a torch.distributed.checkpoint folder
+    ckpt_path = os.path.join(args.out, "last.pt" if dist.mode == "none" else "last_dcp")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     config = dict(model_name=args.model, model=mcfg, optimizer=ocfg, data=data.name, seed=args.seed,
                   batch_size=args.batch_size, steps=args.steps)
     step, elapsed = 0, 0.0
-    resume = _resolve_resume(args)
+    resume = _resolve_resume(args, ckpt_path)
     if resume:
-        ck = load_checkpoint(resume)
-        _check_compatible(ck.get("config", {}), config, resume)
-        try:
-            model.load_state_dict(ck["model"])
-            opt.load_state_dict(ck["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
-            raise CheckpointError(f"checkpoint {resume!r} does not fit this model/optimizer: {e}") from e
+        if dist.mode == "none":
+            ck = load_checkpoint(resume)
+            _check_compatible(ck.get("config", {}), config, resume)
+            try:
+                model.load_state_dict(ck["model"])
+                opt.load_state_dict(ck["optimizer"])
+            except (RuntimeError, ValueError, KeyError) as e:
+                raise CheckpointError(f"checkpoint {resume!r} does not fit this model/optimizer: {e}") from e
+        else:
+            ts_path = os.path.join(resume, "train_state.pt")
+            if not os.path.isfile(ts_path):
+                raise CheckpointError(f"{resume!r} is not a distributed training checkpoint (no train_state.pt)")
+            ck = torch.load(ts_path, map_location="cpu", weights_only=False)
+            _check_compatible(ck.get("config", {}), config, resume)
+            dist.D.load_checkpoint(resume, model, opt)
         sched.load_state_dict(ck["scheduler"])
         data.load_state_dict(ck["data"])
         _set_rng_state(ck["rng"])
         step, elapsed = ck["step"], ck.get("elapsed", 0.0)
         _truncate_metrics(metrics_path, step)
         print(f"resumed from {resume} at step {step}", file=sys.stderr)
-    elif os.path.exists(metrics_path):
+    elif os.path.exists(metrics_path) and dist.main:
         os.unlink(metrics_path)
 
     def checkpoint():
-        save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                         data=data.state_dict(), rng=_rng_state(), step=step, elapsed=elapsed, config=config),
-                    ckpt_path)
+        state = dict(scheduler=sched.state_dict(), data=data.state_dict(), rng=_rng_state(), step=step,
+                     elapsed=elapsed, config=config)
+        if dist.mode == "none":
+            save_atomic(dict(model=model.state_dict(), optimizer=opt.state_dict(), **state), ckpt_path)
+            return
+        dist.D.save_checkpoint(ckpt_path, model, opt, extra=dict(step=step))  # every rank
+        if dist.main:  # ranks share these (same seeds): rank 0 writes them
+            save_atomic(state, os.path.join(ckpt_path, "train_state.pt"))
 
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model} ({n_params / 1e6:.2f}M params) | optimizer {ocfg['name']} | data {data.name} | "
-          f"{args.steps} steps x {args.batch_size} x {args.block_size} tokens | device {device}", file=sys.stderr)
-    if hasattr(opt, "summary") and not args.quiet:
+    n_params = sum(p.numel() for p in dist.core(model).parameters())
+    if dist.world > 1:
+        n_params = sum(getattr(p, "full_tensor", lambda p=p: p)().numel() for p in dist.core(model).parameters())
+    if dist.main:
+        print(f"model {args.model} ({n_params / 1e6:.2f}M params) | optimizer {ocfg['name']} | data {data.name} | "
+              f"{args.steps} steps x {args.batch_size} x {args.block_size} tokens | device {device}"
+              + (f" | {dist.mode} x {dist.world}" if dist.world > 1 else ""), file=sys.stderr)
+    if hasattr(opt, "summary") and not args.quiet and dist.main:
         kinds = {}
         for g in opt.param_groups:
             kinds[g.get("kind", "muon" if g.get("use_muon") else "adamw")] = len(g["params"])
         print("param groups: " + ", ".join(f"{k}: {v} tensors" for k, v in kinds.items()), file=sys.stderr)
-    progress = Progress(args.steps, args.quiet)
+    progress = Progress(args.steps, args.quiet or not dist.main)
     tokens_per_step = args.batch_size * args.block_size
     interrupted = paused = False
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
     model.train()
     try:
-        with open(metrics_path, "a") as mf:
+        with open(metrics_path if dist.main else os.devnull, "a") as mf:
             start = time.time() - elapsed
             first = step
             while step < args.steps:
@@ -309,7 +372,7 @@ def run(args: argparse.Namespace) -> dict:
                     break
                 t0 = time.time()
                 x, y = data.get_batch("train", args.batch_size, args.block_size, device)
-                _, loss = model(x, y)
+                _, loss = model(dist.shard(x), dist.shard(y))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if args.grad_clip > 0:
@@ -320,17 +383,17 @@ def run(args: argparse.Namespace) -> dict:
                 step += 1
                 dt = time.time() - t0
                 elapsed = time.time() - start
-                rec = dict(step=step, train_loss=loss.item(), lr=float(lr_now), step_time=dt,
+                rec = dict(step=step, train_loss=dist.mean(loss.item()), lr=float(lr_now), step_time=dt,
                            tokens_per_s=tokens_per_step / max(dt, 1e-9), elapsed=elapsed)
                 if getattr(model, "last_losses", None):
                     rec["parts"] = {k: float(v) for k, v in model.last_losses.items()}
                 if step % args.eval_interval == 0 or step == args.steps:
-                    rec["val_loss"] = evaluate(model, data, args, device)
+                    rec["val_loss"] = dist.mean(evaluate(model, data, args, device, dist))
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 extra = f"val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
                 progress.update(step, rec["train_loss"], rec["tokens_per_s"], extra)
-                if "val_loss" in rec and (progress.quiet or not progress.tty):
+                if "val_loss" in rec and dist.main and (progress.quiet or not progress.tty):
                     print(f"step {step}: train {rec['train_loss']:.4f} val {rec['val_loss']:.4f}", file=sys.stderr)
                 elif "val_loss" in rec:
                     progress.newline()
@@ -351,13 +414,16 @@ def run(args: argparse.Namespace) -> dict:
     if interrupted or paused:
         summary["paused"] = paused
         return summary
-    if args.sample_tokens:
+    if args.sample_tokens:  # every rank generates (FSDP2 needs all of them in each forward)
         source = data.split("val") if data.split("val").numel() >= 16 else data.split("train")
         prompt = torch.tensor([source[:16].tolist()], device=device)
         gen = torch.Generator(device=device).manual_seed(args.seed)
-        out = model.generate(prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=gen)
+        out = dist.core(model).generate(prompt, args.sample_tokens, temperature=0.8, top_k=40, generator=gen)
         summary["sample"] = data.decode(out[0].tolist())
-        print("\n--- sample ---\n" + summary["sample"] + "\n--------------", file=sys.stderr)
+        if dist.main:
+            print("\n--- sample ---\n" + summary["sample"] + "\n--------------", file=sys.stderr)
+    if not dist.main:
+        return summary
     if not args.no_plot:
         summary["plot"] = plot_losses(metrics_path, os.path.join(args.out, "loss.png"), title=f"{args.model} / {ocfg['name']}")
     with open(os.path.join(args.out, "summary.json"), "w") as f:
