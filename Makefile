@@ -16,4 +16,4 @@ bench:
 
 experiments:
 	scripts/bootstrap.sh train
-	.venv/bin/python -m compositional_muon.experiments --config seed003 --out runs/seed003
+	.venv/bin/python -m compositional_muon.experiments

@@ -39,11 +39,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shape", default="all", choices=("gpt2", "small", "seed003", "all"))
-    p.add_argument("--repeat", type=int, default=15, help="timed steps per optimizer (at most)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps per optimizer first")
-    p.add_argument("--budget", type=float, default=90.0, help="seconds of timed steps per optimizer and shape")
-    p.add_argument("--min-repeat", type=int, default=5, help="timed steps at least (unless --slow-step)")
-    p.add_argument("--slow-step", type=float, default=60.0,
+    p.add_argument("--repeat", type=int, default=9, help="timed steps per optimizer (at most)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per optimizer first")
+    p.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per optimizer and shape")
+    p.add_argument("--min-repeat", type=int, default=3, help="timed steps at least (unless --slow-step)")
+    p.add_argument("--slow-step", type=float, default=30.0,
                    help="one timed step only when a warm-up step took longer than this (seconds)")
     p.add_argument("--only", default="", help="comma-separated optimizer names to run (default: all)")
     p.add_argument("--skip", default="", help="comma-separated optimizer names to leave out")
@@ -181,6 +181,7 @@ CM_VARIANTS = {
     "CM connection=scale_aware_scalar": dict(connection="scale_aware_scalar"),
     "CM per_mat_renorm": dict(per_mat_renorm=True),
     "CM hybrid=False": dict(hybrid=False),
+    "CM transform=normuon": dict(transform="normuon"),
 }
 LR = 1e-3  # small: the weights are reset before every step anyway
 

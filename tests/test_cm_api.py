@@ -259,3 +259,15 @@ def test_every_variant_combination_runs_finite():
                    head_dim=4, eta=0.1, method=method, isotropic=iso, whitening=white, connection=conn,
                    per_mat_renorm=renorm, hybrid=hybrid, momentum_reproject=conn != "none")
         assert ok and torch.isfinite(wv).all() and torch.isfinite(wo).all()
+
+
+def test_finite_flags_fast_path_and_overflow_fallback():
+    """The finiteness check sums each tensor; a finite tensor whose sum overflows is still finite."""
+    from compositional_muon.cm import finite_flags
+    huge = torch.full((8,), 3e38)  # sum overflows float32 to inf, every element is finite
+    nan = torch.tensor([1.0, float("nan")])
+    infs = torch.tensor([float("inf"), -float("inf")])  # sum is NaN
+    bf16 = torch.ones(3, dtype=torch.bfloat16)
+    assert finite_flags([huge, nan, infs, bf16]).tolist() == [True, False, False, True]
+    assert finite_flags([huge, bf16]).tolist() == [True, True]
+    assert finite_flags([]).numel() == 0

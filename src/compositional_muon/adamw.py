@@ -1,6 +1,8 @@
 """AdamW for the parameters an orthogonalized optimizer leaves out (embeddings, heads, gains, biases)."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["adamw_step", "ADAMW_DEFAULTS"]
@@ -25,9 +27,11 @@ def adamw_step(params, grads, states, *, lr: float, betas, eps: float, weight_de
         st["step"] += 1
         t = int(st["step"].item())
         m, v = st["exp_avg"], st["exp_avg_sq"]
-        m.lerp_(g.to(m.dtype), 1 - b1)
-        v.lerp_(g.to(v.dtype).square(), 1 - b2)
-        denom = (v / (1 - b2**t)).sqrt_().add_(eps)
+        g = g.to(m.dtype)
+        m.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        # bias corrections folded into scalars: one temporary (denom) per parameter
+        denom = v.sqrt().div_(math.sqrt(1 - b2**t)).add_(eps)
         if weight_decay:
             p.mul_(1 - lr * weight_decay)
-        p.addcdiv_((m / (1 - b1**t)).to(p.dtype), denom.to(p.dtype), value=-lr)
+        p.addcdiv_(m.to(p.dtype), denom.to(p.dtype), value=-lr / (1 - b1**t))

@@ -34,6 +34,7 @@ __all__ = [
     "cm_ov",
     "CMConfig",
     "pair_update",
+    "normalize_head_rows",
     "compiled_pair_update",
     "NonFiniteError",
     "cm_momentum",
@@ -178,7 +179,7 @@ def _left(R: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     return R * X if R.size(-1) == 1 else R @ X
 
 
-def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig):
+def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, z_transform=None):
     """The CM update ``(dA, dB)`` for a layer-batched factor pair (nothing is modified).
 
     ``A, Ua``: ``(L, H, d, D)``; ``B, Ub``: ``(L, Hkv, d, D)`` with ``H % Hkv == 0``. ``Ua, Ub``
@@ -190,6 +191,10 @@ def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig):
     factors one batched msign (``(L, Hkv, G + 1, d, D)``); the step ``-eta/2`` is folded into the
     small post-whitening factors instead of a pass over the update. See :func:`compiled_pair_update`
     for the ``torch.compile`` path.
+
+    ``z_transform``: optional ``(Za, Zb) -> (Za, Zb)`` applied to the msign outputs in whitened
+    coordinates (``(L, Hkv, G, d, D)`` and ``(L, Hkv, 1, d, D)``) before the post-whitening; the
+    optimizer uses it for ``transform="normuon"`` (:func:`normalize_head_rows`).
     """
     L, H, d, D = A.shape
     hkv = B.size(1)
@@ -232,6 +237,8 @@ def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig):
             Za = Z[..., : G * D].unflatten(-1, (G, D)).movedim(-2, 2)
             Zb = Z[..., G * D :].unsqueeze(2)
 
+    if z_transform is not None:
+        Za, Zb = z_transform(Za, Zb)
     # The step -scale rides on the small d x d post factors (or on the per-layer renorm ratio);
     # only whitening "pre"/"none" without renorm needs a pass over the update for it.
     k = 1.0 if cfg.per_mat_renorm else -scale
@@ -246,6 +253,37 @@ def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig):
         dA, dB = horizontal_projection(A.to(work), B.to(work), dA, dB, cfg.connection, cfg.lam, roots.eig_a,
                                        roots.eig_b, grams=roots.grams)
     return dA.to(Ua.dtype), dB.to(Ub.dtype)
+
+
+def normalize_head_rows(Z: torch.Tensor, v: torch.Tensor, beta2: float, eps: float = 1e-8, *,
+                        unit_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """NorMuon's row normalization (arXiv:2510.05491, Alg. 1) in CM's whitened head space.
+
+    ``Z``: msign outputs ``(..., d, D)``, one row per head channel; ``v``: their running second
+    moments ``(..., d, 1)``. With ``v' = beta2 v + (1 - beta2) mean_cols(Z * Z)`` the rows become
+    ``Z / (sqrt(v') + eps)``, then every msign unit (one head's ``d x D`` block for ``unit_dims=0``;
+    ``unit_dims=k`` joins the ``k`` dims before the row dim into one unit, e.g. ``k=2`` for the
+    hybrid O leg's layer-wide msign over ``(Hkv, G, d)`` rows) is
+    rescaled to the spectral norm it had before, so CM's composed-norm bound is unchanged.
+    Returns ``(Z', v')``; works in float32 at least; pure.
+    """
+    work = torch.promote_types(Z.dtype, torch.float32)
+    Zw = Z.to(work)
+    new_v = v.to(work).lerp(Zw.square().mean(dim=-1, keepdim=True), 1 - beta2)
+    Zn = Zw / (new_v.sqrt() + eps)
+
+    def opnorm(X):  # spectral norm of each unit: sqrt(lambda_max(X X^T)) on the small side
+        X = X.flatten(-2 - unit_dims, -2) if unit_dims else X
+        gram = X @ X.mT if X.size(-2) <= X.size(-1) else X.mT @ X
+        lam = torch.linalg.eigvalsh(gram)[..., -1].clamp_min(0).sqrt()
+        for _ in range(unit_dims + 2):
+            lam = lam.unsqueeze(-1)
+        return lam
+
+    before, after = opnorm(Zw), opnorm(Zn)
+    ratio = torch.where(after > 0, before / torch.where(after > 0, after, torch.ones_like(after)),
+                        torch.zeros_like(after))
+    return (Zn * ratio).to(Z.dtype), new_v
 
 
 _COMPILED: dict = {}
@@ -362,9 +400,22 @@ def cm_momentum(A, B, ga, gb, ma, mb, *, beta: float, nesterov: bool, momentum_r
     return new_ma, new_mb, new_ma, new_mb
 
 
+def finite_flags(tensors) -> torch.Tensor:
+    """A bool vector: is each tensor free of NaN/inf. One reduction pass per tensor (the sum, in
+    float32 at least, is non-finite whenever an element is); only where a sum is non-finite is the
+    exact elementwise check run, so a finite tensor whose sum overflows is not misreported."""
+    if not tensors:
+        return torch.ones(0, dtype=torch.bool)
+    sums = torch.stack([t.sum(dtype=torch.promote_types(t.dtype, torch.float32)).float() for t in tensors])
+    flags = torch.isfinite(sums)
+    if not bool(flags.all()):
+        flags = torch.stack([torch.isfinite(t).all() for t in tensors])
+    return flags
+
+
 def all_finite(*tensors) -> bool:
     """One host sync for the finiteness of several tensors."""
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return bool(finite_flags(list(tensors)).all())
 
 
 def _apply_pair(views, *, eta, beta, nesterov, weight_decay, momentum_reproject, cfg: CMConfig,

@@ -19,7 +19,7 @@ from torch import nn
 from . import distributed as _dist
 from .adamw import adamw_step
 from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, head_view, route_parameters
-from .cm import CMConfig, NonFiniteError, all_finite, apply_update, cm_momentum, pair_update
+from .cm import CMConfig, NonFiniteError, all_finite, apply_update, cm_momentum, normalize_head_rows, pair_update
 from .diagnostics import pair_stats
 from .muon import Muon
 from .routing import RoutedOptimizer, check_grads
@@ -30,7 +30,14 @@ KINDS = ("cm", "muon", "adamw")
 CM_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=False, weight_decay=0.0, lam=1e-2, method="half_split",
                    isotropic=False, hybrid=True, whitening="both", connection="none", momentum_reproject=False,
                    per_mat_renorm=False, msign_backend="polar_express", msign_steps=None, msign_dtype=None,
-                   root_method="auto")
+                   root_method="auto", transform="none", transform_beta2=0.95, transform_eps=1e-8)
+TRANSFORMS = ("none", "normuon")
+_NEWTON_REFUSAL = (
+    "transform='newton' is not defined for CM: Newton-Muon right-multiplies each update by the inverse "
+    "second moment of the layer's *input*. For o_proj that input is the heads' output, the very d-dim "
+    "space that CM already whitens with the partner root C_V^-1, so the two preconditioners would act on "
+    "the same side with no single steepest-descent problem behind them. Use NewtonMuon for the Muon "
+    "matrices and CM (transform='none' or 'normuon') for attention; see docs/variants.md.")
 _CM_CFG_KEYS = ("method", "isotropic", "hybrid", "whitening", "connection", "per_mat_renorm", "lam",
                 "msign_backend", "msign_steps", "msign_dtype", "root_method")
 
@@ -49,7 +56,10 @@ class CompositionalMuon(Muon):
     CM group options (reference names): ``lr`` (the composed step ``eta``), ``momentum`` (beta,
     momentum ``m <- beta m + g``), ``nesterov``, ``weight_decay``, ``lam``, ``method``,
     ``isotropic``, ``hybrid`` (OV), ``whitening``, ``connection``, ``momentum_reproject``,
-    ``per_mat_renorm``, ``msign_backend``, ``msign_steps``, ``msign_dtype``, ``root_method``.
+    ``per_mat_renorm``, ``msign_backend``, ``msign_steps``, ``msign_dtype``, ``root_method``;
+    and ``transform`` ("none" or "normuon": NorMuon's row normalization of the msign output in the
+    whitened head space, with ``transform_beta2`` (0.95) and ``transform_eps`` (1e-8), see
+    :func:`~compositional_muon.cm.normalize_head_rows` and ``docs/variants.md``; "newton" is refused).
     ``track_stats=True`` records per-head step sizes and composed-update norms after every step in
     :attr:`last_stats` (costs a few small SVDs per layer; not recorded for DTensor parameters).
     ``distributed`` ("auto", True, False): under DDP the CM layers and Muon matrices are split
@@ -136,6 +146,17 @@ class CompositionalMuon(Muon):
         _cfg(group)  # validates the variant switches
         if not 0 <= group["momentum"] < 1:
             raise ValueError(f"CM momentum must be in [0, 1), got {group['momentum']!r}")
+        if group["transform"] == "newton":
+            raise ValueError(_NEWTON_REFUSAL)
+        if group["transform"] not in TRANSFORMS:
+            raise ValueError(f"unknown CM transform {group['transform']!r}; expected one of {TRANSFORMS}")
+        if group["transform"] == "normuon":
+            if group["method"] != "half_split":
+                raise ValueError("transform='normuon' needs method='half_split': the joint rule's msign rows span "
+                                 "all G+1 factors of a group, so a row is not one weight's channel")
+            if not 0 <= group["transform_beta2"] < 1 or not group["transform_eps"] >= 0:
+                raise ValueError(f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
+                                 f"{group['transform_beta2']!r}, {group['transform_eps']!r}")
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
         RoutedOptimizer._validate_group(self, group)
@@ -241,9 +262,21 @@ class CompositionalMuon(Muon):
             st = self.state[p]
             if "momentum_buffer" not in st:
                 st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        normuon = group["transform"] == "normuon"
         if any(_dist.is_dtensor(p) for p in params):  # FSDP2 / DTensor parameters
+            if normuon:
+                raise ValueError("transform='normuon' is not supported for DTensor (FSDP2) parameters; use "
+                                 "transform='none' there")
             return _dist.sharded_cm_plan(self, group, cfg)
-        spread = _dist.replicated_group(self)  # DDP: split the layers among the ranks
+        if normuon:
+            for p in params:
+                # per head-channel second moments, stored broadcast along the model dim so the
+                # same head views (fused / transposed layouts) address them
+                if "head_moment" not in self.state[p]:
+                    self.state[p]["head_moment"] = torch.zeros_like(
+                        p, dtype=torch.promote_types(p.dtype, torch.float32), memory_format=torch.preserve_format)
+        # DDP: split the layers among the ranks (the normuon transform's state is computed everywhere)
+        spread = None if normuon else _dist.replicated_group(self)
         buckets: dict = {}
         for pair in group["cm_pairs"]:
             pa, pb = params[pair["a"][0]], params[pair["b"][0]]
@@ -258,7 +291,8 @@ class CompositionalMuon(Muon):
             key = (pair["kind"], tuple(A.shape), tuple(B.shape), pa.dtype, pb.dtype)
             buckets.setdefault(key, []).append(dict(
                 name=pair["name"], w=(A, B), g=views(pa.grad, pb.grad),
-                m=views(self.state[pa]["momentum_buffer"], self.state[pb]["momentum_buffer"])))
+                m=views(self.state[pa]["momentum_buffer"], self.state[pb]["momentum_buffer"]),
+                v=views(self.state[pa]["head_moment"], self.state[pb]["head_moment"]) if normuon else None))
         plan = []
         for key, items in buckets.items():
             stack = [torch.stack([it[f][i] for it in items]) for f in ("w", "g", "m") for i in (0, 1)]
@@ -272,12 +306,36 @@ class CompositionalMuon(Muon):
                 plan.append(dict(items=items, names=[it["name"] for it in items], A=A, B=B, ua=ua, ub=ub,
                                  cfg=pair_cfg, new_ma=new_ma, new_mb=new_mb, kind=key[0]))
                 continue
-            dA, dB = pair_update(A, B, ua, ub, float(group["lr"]), pair_cfg)
+            moments: dict = {}
+            zt = None
+            if normuon:
+                if pair_cfg.root_method == "auto":  # the symmetric root: rows are defined in its basis
+                    pair_cfg = dataclasses.replace(pair_cfg, root_method="eigh" if A.device.type == "cpu" else "newton")
+                zt = self._normuon_transform(group, items, pair_cfg, moments)
+            dA, dB = pair_update(A, B, ua, ub, float(group["lr"]), pair_cfg, z_transform=zt)
             plan.append(dict(items=items, names=[it["name"] for it in items], A=A, B=B, dA=dA, dB=dB,
-                             new_ma=new_ma, new_mb=new_mb, kind=key[0]))
+                             new_ma=new_ma, new_mb=new_mb, kind=key[0], **moments))
         if spread is not None and plan:
             _dist.spread_pair_updates(plan, float(group["lr"]), spread)
         return plan
+
+    @staticmethod
+    def _normuon_transform(group: dict, items: list, cfg: CMConfig, out: dict):
+        """The ``z_transform`` of :func:`cm.pair_update` for ``transform="normuon"``: reads the
+        stacked head-channel moments of ``items`` and leaves the new ones in ``out``."""
+        va = torch.stack([it["v"][0][..., :1] for it in items])  # (L, H, d, 1)
+        vb = torch.stack([it["v"][1][..., :1] for it in items])  # (L, Hkv, d, 1)
+        beta2, eps = group["transform_beta2"], group["transform_eps"]
+
+        def transform(Za, Zb):
+            L, hkv, G = Za.shape[:3]
+            za, new_va = normalize_head_rows(Za, va.reshape(L, hkv, G, *va.shape[-2:]), beta2, eps,
+                                             unit_dims=2 if cfg.hybrid else 0)
+            zb, new_vb = normalize_head_rows(Zb, vb.unsqueeze(2), beta2, eps)
+            out["new_va"], out["new_vb"] = new_va.flatten(1, 2), new_vb.squeeze(2)
+            return za, zb
+
+        return transform
 
     def _cm_apply(self, group: dict, plan: list, stats: dict) -> None:
         decay = float(group["lr"]) * group["weight_decay"]
@@ -288,6 +346,9 @@ class CompositionalMuon(Muon):
             for i, it in enumerate(item["items"]):
                 it["m"][0].copy_(item["new_ma"][i])
                 it["m"][1].copy_(item["new_mb"][i])
+                if "new_va" in item:
+                    it["v"][0].copy_(item["new_va"][i].expand_as(it["v"][0]))
+                    it["v"][1].copy_(item["new_vb"][i].expand_as(it["v"][1]))
                 apply_update(it["w"][0], item["dA"][i], decay)
                 apply_update(it["w"][1], item["dB"][i], decay)
             if self.track_stats and item.get("stats", True):

@@ -12,7 +12,7 @@ import torch
 
 from . import distributed as _dist
 from .adamw import ADAMW_DEFAULTS, adamw_step
-from .cm import NonFiniteError
+from .cm import NonFiniteError, finite_flags
 
 __all__ = ["RoutedOptimizer", "check_grads", "NonFiniteError"]
 
@@ -20,11 +20,11 @@ _NONFINITE = ("raise", "skip")
 
 
 def check_grads(param_groups) -> bool:
-    """Raise ``TypeError`` for sparse/complex grads; return whether every grad is finite (one sync).
+    """Raise ``TypeError`` for sparse/complex grads; return whether every grad is finite.
 
     With DTensor (FSDP2) gradients each rank checks its shards and the verdict is agreed across
     ranks (one tiny all-reduce), so all ranks raise or skip together."""
-    flags = []
+    grads = []
     sharded = []
     for gi, group in enumerate(param_groups):
         for pi, p in enumerate(group["params"]):
@@ -39,10 +39,11 @@ def check_grads(param_groups) -> bool:
             if _dist.is_dtensor(g):
                 sharded.append(g)
                 g = g.to_local()
-            flags.append(torch.isfinite(g).all())
+            grads.append(g)
     if sharded:
-        return _dist.grads_finite(flags, _dist.dtensor_groups(sharded), sharded[0].device)
-    return not flags or bool(torch.stack(flags).all())
+        return _dist.grads_finite(list(finite_flags(grads).unbind(0)), _dist.dtensor_groups(sharded),
+                                  sharded[0].device)
+    return not grads or bool(finite_flags(grads).all())
 
 
 class RoutedOptimizer(torch.optim.Optimizer):

@@ -30,7 +30,7 @@ from .recipes import DEFAULT_LR, OPTIMIZERS, build_optimizer
 __all__ = ["main", "run", "parse_args", "build_parser"]
 
 CM_SWITCHES = ("method", "isotropic", "hybrid", "whitening", "connection", "momentum_reproject", "per_mat_renorm",
-               "lam", "nesterov")
+               "lam", "nesterov", "transform")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--whitening", choices=("both", "pre", "post", "none"))
     g.add_argument("--connection", choices=("none", "frobenius", "scale_aware", "frobenius_scalar", "scale_aware_scalar"))
     g.add_argument("--lam", type=float)
+    g.add_argument("--transform", choices=("none", "normuon", "newton"),
+                   help="compose a Muon-variant transform with CM (normuon; newton is refused, see docs/variants.md)")
     g.add_argument("--no-hybrid", dest="hybrid", action="store_false", default=None)
     g.add_argument("--momentum-reproject", action="store_true", default=None)
     g.add_argument("--per-mat-renorm", action="store_true", default=None)
