@@ -484,15 +484,8 @@ def markdown(res) -> str:
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    from compositional_muon.experiments import cpu_name
+    cpu = cpu_name()
     return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), python=platform.python_version(),
                 platform=platform.platform(), cuda=torch.cuda.is_available(), package=cmu.__file__)

@@ -547,16 +547,20 @@ def _loadavg():
         return None
 
 
-def machine_info(threads: int) -> dict:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (else what ``platform`` knows)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict:
+    cpu = cpu_name()
     info = dict(cpu=cpu, cpu_count=os.cpu_count(), torch=torch.__version__, python=platform.python_version(),
                 platform=platform.platform(), threads=threads or torch.get_num_threads(),
                 device="cuda" if torch.cuda.is_available() else "cpu")
