@@ -141,6 +141,14 @@ def test_torchrun_fsdp2_split_and_resume_matches_single_process(tmp_path):
                            timeout=240)
         assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "last_dcp", "train_state.pt"))
+    # resuming with another layout (DDP instead of FSDP2) is refused with a clear error
+    ddp = torchrun[:-1] + ["ddp"]
+    r = subprocess.run(ddp + common + ["--out", out, "--resume", "auto"], env=env, capture_output=True, text=True,
+                       timeout=240)
+    assert r.returncode != 0 and "written by --dist fsdp2 with 2 processes" in r.stderr, r.stderr[-2000:]
+    # --dist without torchrun (one process) is refused up front
+    with pytest.raises(ValueError, match="at least 2 processes"):
+        run(parse_args(common + ["--out", str(tmp_path / "one"), "--dist", "ddp"]))
     a, b = _metrics(single), _metrics(out)
     assert [r["step"] for r in b] == list(range(1, 7))
     for ra, rb in zip(a, b):

@@ -262,6 +262,9 @@ class _Dist:
         self.D = D
         info = D.setup_distributed("gloo" if device.type == "cpu" else None)
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        if self.world < 2:
+            raise ValueError(f"--dist {self.mode} needs at least 2 processes (torchrun --nproc_per_node=N, N >= 2); "
+                             "for a single process leave out --dist")
         if args.batch_size % self.world:
             raise ValueError(f"--batch-size {args.batch_size} (global) is not divisible by the world size {self.world}")
 
@@ -324,6 +327,13 @@ def _run(args, dist: "_Dist") -> dict:
                 raise CheckpointError(f"{resume!r} is not a distributed training checkpoint (no train_state.pt)")
             ck = torch.load(ts_path, map_location="cpu", weights_only=False)
             _check_compatible(ck.get("config", {}), config, resume)
+            layout = dict(mode=dist.mode, world_size=dist.world)
+            if ck.get("layout", layout) != layout:
+                saved = ck["layout"]
+                raise CheckpointError(
+                    f"{resume!r} was written by --dist {saved['mode']} with {saved['world_size']} processes; this "
+                    f"run is --dist {dist.mode} with {dist.world}: resume with the same --dist and "
+                    f"--nproc_per_node")
             dist.D.load_checkpoint(resume, model, opt)
         sched.load_state_dict(ck["scheduler"])
         data.load_state_dict(ck["data"])
@@ -342,6 +352,7 @@ def _run(args, dist: "_Dist") -> dict:
             return
         dist.D.save_checkpoint(ckpt_path, model, opt, extra=dict(step=step))  # every rank
         if dist.main:  # ranks share these (same seeds): rank 0 writes them
+            state["layout"] = dict(mode=dist.mode, world_size=dist.world)
             save_atomic(state, os.path.join(ckpt_path, "train_state.pt"))
 
     n_params = sum(p.numel() for p in dist.core(model).parameters())
