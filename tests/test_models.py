@@ -16,13 +16,7 @@ TINY = dict(n_embd=32, n_head=4, n_layer=2, block_size=32)
 EXTRA = {"gpt": {}, "loopformer": dict(n_layer=1, n_loops=4), "mor": dict(n_layer=1, n_recursions=3)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # tiny models: intra-op threads only add synchronisation cost (large on a shared 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name, **kw):

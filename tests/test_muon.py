@@ -19,13 +19,7 @@ from compositional_muon.cm import NonFiniteError
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The problems are tiny: on a shared 2-core machine intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rnd(*shape, seed=0, dtype=F64):

@@ -22,7 +22,7 @@ from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, he
 from .cm import CMConfig, NonFiniteError, all_finite, apply_update, cm_momentum, normalize_head_rows, pair_update
 from .diagnostics import pair_stats
 from .muon import Muon
-from .routing import RoutedOptimizer, check_grads
+from .routing import RoutedOptimizer
 
 __all__ = ["CompositionalMuon"]
 
@@ -219,15 +219,8 @@ class CompositionalMuon(Muon):
     # -- step -------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if not check_grads(self.param_groups):
-            if self.nonfinite == "raise":
-                raise NonFiniteError("a gradient holds NaN/inf; the step was not applied (nonfinite='raise')")
-            for group in self.param_groups:
-                group["skipped_steps"] += 1
+        loss, proceed = self._begin_step(closure)
+        if not proceed:
             return loss
         # CM updates are computed for every group before anything is written, so a failure
         # (a singular partner with lam=0) leaves parameters and state untouched.

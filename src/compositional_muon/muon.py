@@ -79,14 +79,19 @@ class Muon(RoutedOptimizer):
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
         if group["use_muon"]:
-            if not 0 <= group["momentum"] < 1:
-                raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
-            if group["backend"] not in BACKENDS:
-                raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
+            self._validate_momentum_msign(group)
             shape_scale(1, 1, group["adjust_lr_fn"])  # validates the name
-            k = group["ns_steps"]
-            if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 1 <= k < math.inf or k != int(k):
-                raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
+
+    @staticmethod
+    def _validate_momentum_msign(group: dict) -> None:
+        """The checks every msign-based matrix group shares: momentum, backend, ns_steps."""
+        if not 0 <= group["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
+        if group["backend"] not in BACKENDS:
+            raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
+        k = group["ns_steps"]
+        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 1 <= k < math.inf or k != int(k):
+            raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
 
     def _directions(self, group: dict, params: list) -> list:
         """Momentum step for each param; returns the 2-D directions to orthogonalize."""

@@ -118,8 +118,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"AdamW eps must be >= 0, got {group['eps']!r}")
 
     # -- step -----------------------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _begin_step(self, closure):
+        """Shared start of every ``step``: evaluate ``closure`` (with grad enabled), check the
+        gradients (sparse/complex raise), and on a NaN/inf gradient raise or count a skipped step.
+        Returns ``(loss, proceed)``."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -129,6 +131,13 @@ class RoutedOptimizer(torch.optim.Optimizer):
                 raise NonFiniteError("a gradient holds NaN/inf; the step was not applied (nonfinite='raise')")
             for group in self.param_groups:
                 group["skipped_steps"] += 1
+            return loss, False
+        return loss, True
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss, proceed = self._begin_step(closure)
+        if not proceed:
             return loss
         self._before_step()
         for group in self.param_groups:

@@ -21,7 +21,6 @@ import math
 
 import torch
 
-from ..msign import BACKENDS
 from ..muon import Muon, as_matrix
 from ..routing import RoutedOptimizer
 
@@ -82,12 +81,7 @@ class AdaMuon(Muon):
     def _validate_group(self, group: dict) -> None:
         RoutedOptimizer._validate_group(self, group)  # Muon's checks minus adjust_lr_fn (unused here)
         if group["use_muon"]:
-            if not 0 <= group["momentum"] < 1:
-                raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
-            if group["backend"] not in BACKENDS:
-                raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
-            if int(group["ns_steps"]) < 1:
-                raise ValueError(f"ns_steps must be >= 1, got {group['ns_steps']!r}")
+            self._validate_momentum_msign(group)
             b2 = group["beta2"]
             if b2 is not None and not 0 <= b2 < 1:
                 raise ValueError(f"beta2 must be None or in [0, 1), got {b2!r}")
