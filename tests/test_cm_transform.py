@@ -224,3 +224,23 @@ def test_refusals():
         opt_for(m, transform="adamuon")
     with pytest.raises(ValueError, match="transform_beta2"):
         opt_for(m, transform_beta2=1.0)
+
+
+def test_normuon_transform_refused_for_dtensor_params(tmp_path):
+    """FSDP2 (DTensor) parameters: transform='normuon' raises a clear error and writes nothing."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        m = make()
+        fully_shard(m)
+        before = [p.full_tensor().clone() for p in m.parameters()]
+        opt = opt_for(m)
+        for p in m.parameters():
+            p.grad = torch.ones_like(p)
+        with pytest.raises(ValueError, match="DTensor"):
+            opt.step()
+        for b, p in zip(before, m.parameters()):
+            assert torch.equal(b, p.full_tensor())
+    finally:
+        dist.destroy_process_group()
