@@ -9,6 +9,7 @@ on the current tree, and prints the two medians side by side. Writes
 ``bench/results_before.json`` / ``bench/results_after.json`` unless ``--json-before`` /
 ``--json-after`` say otherwise. Other arguments are passed to ``step_time.py`` unchanged.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,9 @@ def export_before(ref: str, dest: str) -> str:
         shutil.rmtree(dest)
     shutil.copytree(os.path.join(ROOT, "src"), src, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     for f in KERNEL_FILES:
-        text = subprocess.run(["git", "show", f"{ref}:src/compositional_muon/{f}"], cwd=ROOT, check=True,
-                              capture_output=True, text=True).stdout
+        text = subprocess.run(
+            ["git", "show", f"{ref}:src/compositional_muon/{f}"], cwd=ROOT, check=True, capture_output=True, text=True
+        ).stdout
         with open(os.path.join(src, "compositional_muon", f), "w") as fh:
             fh.write(text)
     return src
@@ -64,8 +66,10 @@ def main():
             a = ra["rows"].get(name)
             if a is None:
                 continue
-            print(f"| {rb['shape']} | {name} | {b['median_s'] * 1e3:.1f} ({b['n']}) | {a['median_s'] * 1e3:.1f} ({a['n']}) "
-                  f"| {b['median_s'] / a['median_s']:.1f}x |")
+            print(
+                f"| {rb['shape']} | {name} | {b['median_s'] * 1e3:.1f} ({b['n']}) | {a['median_s'] * 1e3:.1f} ({a['n']}) "
+                f"| {b['median_s'] / a['median_s']:.1f}x |"
+            )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ rate for that shape and dtype, measured in the same run. ``floor %`` = floor / m
 Writes a markdown table to stdout and everything (samples included) to ``--json``
 (default ``bench/results.json``). Public tools only: torch, time.perf_counter, statistics.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,13 +44,21 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per optimizer first")
     p.add_argument("--budget", type=float, default=20.0, help="seconds of timed steps per optimizer and shape")
     p.add_argument("--min-repeat", type=int, default=3, help="timed steps at least (unless --slow-step)")
-    p.add_argument("--slow-step", type=float, default=30.0,
-                   help="one timed step only when a warm-up step took longer than this (seconds)")
+    p.add_argument(
+        "--slow-step",
+        type=float,
+        default=30.0,
+        help="one timed step only when a warm-up step took longer than this (seconds)",
+    )
     p.add_argument("--only", default="", help="comma-separated optimizer names to run (default: all)")
     p.add_argument("--skip", default="", help="comma-separated optimizer names to leave out")
     p.add_argument("--json", default=os.path.join(HERE, "results.json"))
-    p.add_argument("--src", default=None, help="import compositional_muon from this source tree instead "
-                                               "(e.g. an export of an older commit, for before/after runs)")
+    p.add_argument(
+        "--src",
+        default=None,
+        help="import compositional_muon from this source tree instead "
+        "(e.g. an export of an older commit, for before/after runs)",
+    )
     p.add_argument("--label", default="", help="free-form label stored in the JSON")
     return p.parse_args(argv)
 
@@ -69,6 +78,7 @@ from compositional_muon.variants import AdaMuon, Mano, NewtonMuon, NorMuon  # no
 try:
     from compositional_muon.msign import default_msign_dtype  # noqa: E402
 except ImportError:  # an older tree: msign ran in bfloat16 unless told otherwise
+
     def default_msign_dtype(device=None):
         return torch.bfloat16
 
@@ -79,8 +89,9 @@ except ImportError:  # an older tree: msign ran in bfloat16 unless told otherwis
 SHAPES = {
     "gpt2": dict(kind="attention", L=12, D=768, H=12),
     "small": dict(kind="attention", L=4, D=256, H=4),
-    "seed003": dict(kind="model", vocab_size=50257, n_embd=128, n_head=4, n_layer=1, n_loops=2,
-                    tie_embeddings=True, block_size=256),
+    "seed003": dict(
+        kind="model", vocab_size=50257, n_embd=128, n_head=4, n_layer=1, n_loops=2, tie_embeddings=True, block_size=256
+    ),
 }
 
 
@@ -99,12 +110,14 @@ class AttentionStack(nn.Module):
         self.head_dim = D // H
 
     def specs(self):
-        return [AttentionSpec.separate(f"layers.{i}", l.q_proj, l.k_proj, l.v_proj, l.o_proj, head_dim=self.head_dim)
-                for i, l in enumerate(self.layers)]
+        return [
+            AttentionSpec.separate(f"layers.{i}", l.q_proj, l.k_proj, l.v_proj, l.o_proj, head_dim=self.head_dim)
+            for i, l in enumerate(self.layers)
+        ]
 
 
 def _hand_built_loopformer(cfg):
-    """The seed-003 LoopFormer's parameter shapes by hand (used when compositional_muon.models is absent)."""
+    """The seed-003 LoopFormer's parameter shapes by hand (used when compositional_muon.training.models is absent)."""
     D, V = cfg["n_embd"], cfg["vocab_size"]
 
     class Attn(nn.Module):
@@ -150,17 +163,20 @@ def build(shape: str, seed: int = 0):
         return m, m.specs(), desc
     kw = {k: v for k, v in cfg.items() if k != "kind"}
     try:
-        from compositional_muon.models import build_model
+        from compositional_muon.training.models import build_model
+
         m = build_model("loopformer", **kw)
-        how = "compositional_muon.models.build_model('loopformer', ...)"
+        how = "compositional_muon.training.models.build_model('loopformer', ...)"
     except ImportError:
         m = _hand_built_loopformer(kw)
         for p in m.parameters():
             nn.init.normal_(p, std=0.02)
         how = "hand-built LoopFormer shapes"
     n = sum(p.numel() for p in m.parameters())
-    desc = (f"LoopFormer {kw['n_layer']} layer x {kw['n_loops']} loops, D={kw['n_embd']}, H={kw['n_head']}, "
-            f"vocab {kw['vocab_size']}, tied embeddings, {n / 1e6:.2f}M params ({how})")
+    desc = (
+        f"LoopFormer {kw['n_layer']} layer x {kw['n_loops']} loops, D={kw['n_embd']}, H={kw['n_head']}, "
+        f"vocab {kw['vocab_size']}, tied embeddings, {n / 1e6:.2f}M params ({how})"
+    )
     return m, find_attention(m), desc
 
 
@@ -236,12 +252,14 @@ def make_optimizers(model, specs, whole_model: bool):
     }
     for name, kw in CM_VARIANTS.items():
         out[name] = (lambda kw=kw: cm_opt(**kw), ", ".join(f"{k}={v}" for k, v in kw.items()) or "defaults")
-    out.update({
-        "NorMuon": (lambda: NorMuon(groups(lr=LR)), ""),
-        "AdaMuon": (lambda: AdaMuon(groups(lr=LR)), ""),
-        "Mano": (lambda: Mano(groups(lr=LR)), "no msign"),
-        "Newton-Muon": (newton, "hooks registered; K^-1 applied every step"),
-    })
+    out.update(
+        {
+            "NorMuon": (lambda: NorMuon(groups(lr=LR)), ""),
+            "AdaMuon": (lambda: AdaMuon(groups(lr=LR)), ""),
+            "Mano": (lambda: Mano(groups(lr=LR)), "no msign"),
+            "Newton-Muon": (newton, "hooks registered; K^-1 applied every step"),
+        }
+    )
     return out
 
 
@@ -249,11 +267,12 @@ def make_optimizers(model, specs, whole_model: bool):
 # FLOP model
 # ------------------------------------------------------------------------------------------------
 
+
 def msign_flops(m: int, n: int, steps: int) -> int:
     """GEMM FLOPs of one polynomial msign of an m x n matrix: per step the Gram (2 s^2 l), its
     square (2 s^3) and the update (2 s^2 l), s = min(m, n), l = max(m, n)."""
     s, l = min(m, n), max(m, n)
-    return steps * (4 * s * s * l + 2 * s ** 3)
+    return steps * (4 * s * s * l + 2 * s**3)
 
 
 def muon_terms(mats, steps=5, dtype=None, extra=None, batched=True):
@@ -358,6 +377,7 @@ def floor_seconds(terms):
 # Timing
 # ------------------------------------------------------------------------------------------------
 
+
 def quantile(xs, q):
     xs = sorted(xs)
     if len(xs) == 1:
@@ -438,10 +458,19 @@ def run_shape(shape: str, args) -> dict:
         flops = sum(f for f, _, _ in terms)
         floor = floor_seconds(terms) if terms else None
         med = statistics.median(xs)
-        rows[n] = dict(median_s=med, p10_s=quantile(xs, 0.1), p90_s=quantile(xs, 0.9), n=len(xs),
-                       cpu_median_s=statistics.median(cpu_samples[n]), samples_s=xs, warmup_s=warm[n],
-                       gemm_flops=flops, floor_s=floor, floor_fraction=(floor / med) if floor else None,
-                       note=factories[n][1])
+        rows[n] = dict(
+            median_s=med,
+            p10_s=quantile(xs, 0.1),
+            p90_s=quantile(xs, 0.9),
+            n=len(xs),
+            cpu_median_s=statistics.median(cpu_samples[n]),
+            samples_s=xs,
+            warmup_s=warm[n],
+            gemm_flops=flops,
+            floor_s=floor,
+            floor_fraction=(floor / med) if floor else None,
+            note=factories[n][1],
+        )
     refs = dict(vs_torch_muon="torch.optim.Muon", vs_adamw="AdamW", vs_muon_fp32="Muon")
 
     def paired(n, ref):
@@ -456,8 +485,7 @@ def run_shape(shape: str, args) -> dict:
             r[key] = r["median_s"] / rows[ref]["median_s"] if ref in rows else None
             r[key + "_paired"] = paired(n, ref) if ref in rows else None
         r["rounds"] = rounds[n]
-    return dict(shape=shape, description=desc, msign_dtype=str(dtype), load_before=load0, load_after=load1,
-                rows=rows)
+    return dict(shape=shape, description=desc, msign_dtype=str(dtype), load_before=load0, load_after=load1, rows=rows)
 
 
 def fmt_ms(s):
@@ -465,30 +493,46 @@ def fmt_ms(s):
 
 
 def markdown(res) -> str:
-    lines = [f"### {res['shape']}: {res['description']}",
-             f"msign working dtype (library default on this device): {res['msign_dtype']}; load average "
-             f"{res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after", "",
-             "| optimizer | median ms | p10 | p90 | n | vs torch Muon | vs AdamW | vs Muon (lib) | GEMM GFLOP "
-             "| floor ms | floor % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"### {res['shape']}: {res['description']}",
+        f"msign working dtype (library default on this device): {res['msign_dtype']}; load average "
+        f"{res['load_before'][0]:.2f} before, {res['load_after'][0]:.2f} after",
+        "",
+        "| optimizer | median ms | p10 | p90 | n | vs torch Muon | vs AdamW | vs Muon (lib) | GEMM GFLOP "
+        "| floor ms | floor % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n, r in res["rows"].items():
+
         def rt(x):
             return f"{x:.3f}" if x is not None else "-"
+
         fl = r["floor_s"]
         pct = f"{100 * r['floor_fraction']:.0f}%" if fl else "-"
-        lines.append(f"| {n} | {fmt_ms(r['median_s'])} | {fmt_ms(r['p10_s'])} | {fmt_ms(r['p90_s'])} | {r['n']} "
-                     f"| {rt(r['vs_torch_muon'])} | {rt(r['vs_adamw'])} | {rt(r['vs_muon_fp32'])} "
-                     f"| {r['gemm_flops'] / 1e9:.2f} | {fmt_ms(fl) if fl else '-'} "
-                     f"| {pct} |")
+        lines.append(
+            f"| {n} | {fmt_ms(r['median_s'])} | {fmt_ms(r['p10_s'])} | {fmt_ms(r['p90_s'])} | {r['n']} "
+            f"| {rt(r['vs_torch_muon'])} | {rt(r['vs_adamw'])} | {rt(r['vs_muon_fp32'])} "
+            f"| {r['gemm_flops'] / 1e9:.2f} | {fmt_ms(fl) if fl else '-'} "
+            f"| {pct} |"
+        )
     return "\n".join(lines)
 
 
 def machine() -> dict:
     from compositional_muon.experiments import cpu_name
+
     cpu = cpu_name()
-    return dict(cpu=cpu, logical_cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
-                cpu_capability=torch.backends.cpu.get_cpu_capability(), python=platform.python_version(),
-                platform=platform.platform(), cuda=torch.cuda.is_available(), package=cmu.__file__)
+    return dict(
+        cpu=cpu,
+        logical_cpus=os.cpu_count(),
+        torch=torch.__version__,
+        threads=torch.get_num_threads(),
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        python=platform.python_version(),
+        platform=platform.platform(),
+        cuda=torch.cuda.is_available(),
+        package=cmu.__file__,
+    )
 
 
 def main(args):
@@ -500,13 +544,21 @@ def main(args):
         res = run_shape(s, args)
         results.append(res)
         print(markdown(res), flush=True)
-    rates = [dict(batch=b, s=s, l=l, dtype=str(dt), gflops=r / 1e9) for (b, s, l, dt), r in sorted(
-        _RATES.items(), key=lambda kv: (str(kv[0][3]), kv[0][:3]))]
+    rates = [
+        dict(batch=b, s=s, l=l, dtype=str(dt), gflops=r / 1e9)
+        for (b, s, l, dt), r in sorted(_RATES.items(), key=lambda kv: (str(kv[0][3]), kv[0][:3]))
+    ]
     print("\nmeasured GEMM rates (Gram y y^T of (batch, s, l)):")
     for r in rates:
         print(f"  {r['dtype']:<15} batch={r['batch']:<4} {r['s']}x{r['l']:<6} {r['gflops']:7.1f} GFLOP/s")
-    out = dict(machine=info, argv=sys.argv, label=args.label, time=time.strftime("%Y-%m-%d %H:%M:%S"),
-               gemm_rates=rates, results=results)
+    out = dict(
+        machine=info,
+        argv=sys.argv,
+        label=args.label,
+        time=time.strftime("%Y-%m-%d %H:%M:%S"),
+        gemm_rates=rates,
+        results=results,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(out, f, indent=1)

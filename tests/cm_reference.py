@@ -1,4 +1,5 @@
 """Independent float64 per-head transcriptions of the CM rules (loops over heads on purpose)."""
+
 import torch
 
 
@@ -14,12 +15,12 @@ def inv_root(g, lam):
 
 def heads_rows(w, d):
     """nn.Linear rows of each head: list of (d, D)."""
-    return [w[i * d:(i + 1) * d] for i in range(w.shape[0] // d)]
+    return [w[i * d : (i + 1) * d] for i in range(w.shape[0] // d)]
 
 
 def heads_cols(w, d):
     """Columns of each head of an o_proj weight: list of (D, d)."""
-    return [w[:, i * d:(i + 1) * d] for i in range(w.shape[1] // d)]
+    return [w[:, i * d : (i + 1) * d] for i in range(w.shape[1] // d)]
 
 
 def ref_qk(wq, wk, gq, gk, d, eta, lam):
@@ -47,7 +48,7 @@ def ref_ov(wv, wo, gv, go, d, eta, lam, hybrid):
     Cv = [inv_root(V[h // G] @ V[h // G].T, lam) for h in range(len(O))]
     if hybrid:
         Z = polar(torch.cat([goh @ c for goh, c in zip(GO, Cv)], dim=1))
-        do = [-(eta / 2) * Z[:, h * d:(h + 1) * d] @ Cv[h] for h in range(len(O))]
+        do = [-(eta / 2) * Z[:, h * d : (h + 1) * d] @ Cv[h] for h in range(len(O))]
     else:
         do = [-(eta / 2) * polar(goh @ c) @ c for goh, c in zip(GO, Cv)]
     return torch.cat(dv), torch.cat(do, dim=1)

@@ -1,10 +1,10 @@
 """Circuit-Muon baseline: an independent per-head transcription of its OV rule."""
+
 import copy
 
 import torch
 
 from compositional_muon.baselines import CircuitMuon
-from compositional_muon.muon import Muon
 from test_compositional import TinyGPT, batch, train
 
 
@@ -37,14 +37,16 @@ def test_circuit_muon_matches_transcription():
     for h in range(H):
         r, c = slice(h * d, (h + 1) * d), slice(h * d, (h + 1) * d)
         x = ((Wv[r] * dV[r]).sum() - (Wo[:, c] * dO[:, c]).sum()) / (
-            Wv[r].square().sum() + Wo[:, c].square().sum() + 2 * d * lam)
+            Wv[r].square().sum() + Wo[:, c].square().sum() + 2 * d * lam
+        )
         dV[r] -= x * Wv[r]
         dO[:, c] += x * Wo[:, c]
     torch.testing.assert_close(m.blocks[0].attn.v_proj.weight, Wv + dV, rtol=0, atol=1e-12)
     torch.testing.assert_close(m.blocks[0].attn.o_proj.weight, Wo + dO, rtol=0, atol=1e-12)
     # everything else is plain Muon (QK included)
-    torch.testing.assert_close(m.blocks[0].attn.q_proj.weight,
-                               a.q_proj.weight.detach() - lr * polar(a.q_proj.weight.grad), rtol=0, atol=1e-12)
+    torch.testing.assert_close(
+        m.blocks[0].attn.q_proj.weight, a.q_proj.weight.detach() - lr * polar(a.q_proj.weight.grad), rtol=0, atol=1e-12
+    )
 
 
 def test_circuit_muon_trains():

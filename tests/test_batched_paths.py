@@ -7,9 +7,8 @@
 * the Cholesky whitening (CPU default for the half-split rule) == the symmetric eigh root;
 * the compiled kernel == the eager kernel.
 """
+
 import copy
-import dataclasses
-import itertools
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ def rnd(*shape, seed=0, dtype=F64):
 # ------------------------------------------------------------------------------------------------
 # msign: per-head batch vs a loop
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["polar_express", "newton_schulz", "svd"])
 @pytest.mark.parametrize("shape", [(3, 4, 8, 40), (2, 5, 40, 8), (6, 16, 16)])
@@ -57,6 +57,7 @@ def test_msign_empty_batch_and_dtype():
 
 def test_default_msign_dtype_choice_and_override(monkeypatch):
     from compositional_muon.msign import cpu_has_native_bf16
+
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert default_msign_dtype("cpu") == expected
     assert default_msign_dtype("cpu") is default_msign_dtype(torch.device("cpu"))  # cached per device type
@@ -97,8 +98,12 @@ VARIANTS = [
 
 
 def kernel_inputs(L, H, hkv, d=4, D=12, seed=0):
-    return (rnd(L, H, d, D, seed=seed), rnd(L, hkv, d, D, seed=seed + 1), rnd(L, H, d, D, seed=seed + 2),
-            rnd(L, hkv, d, D, seed=seed + 3))
+    return (
+        rnd(L, H, d, D, seed=seed),
+        rnd(L, hkv, d, D, seed=seed + 1),
+        rnd(L, H, d, D, seed=seed + 2),
+        rnd(L, hkv, d, D, seed=seed + 3),
+    )
 
 
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
@@ -110,7 +115,9 @@ def test_layer_stacked_kernel_equals_per_layer(kw, H, hkv):
     A, B, Ua, Ub = kernel_inputs(3, H, hkv)
     dA, dB = pair_update(A, B, Ua, Ub, 0.1, cfg)
     for layer in range(3):
-        a, b = pair_update(A[layer:layer + 1], B[layer:layer + 1], Ua[layer:layer + 1], Ub[layer:layer + 1], 0.1, cfg)
+        a, b = pair_update(
+            A[layer : layer + 1], B[layer : layer + 1], Ua[layer : layer + 1], Ub[layer : layer + 1], 0.1, cfg
+        )
         torch.testing.assert_close(dA[layer], a[0], rtol=0, atol=1e-12)
         torch.testing.assert_close(dB[layer], b[0], rtol=0, atol=1e-12)
 
@@ -122,7 +129,7 @@ def test_per_head_kernel_equals_one_head_at_a_time():
     A, B, Ua, Ub = kernel_inputs(2, 3, 3, seed=4)
     dA, dB = pair_update(A, B, Ua, Ub, 0.2, cfg)
     for h in range(3):
-        a, b = pair_update(A[:, h:h + 1], B[:, h:h + 1], Ua[:, h:h + 1], Ub[:, h:h + 1], 0.2, cfg)
+        a, b = pair_update(A[:, h : h + 1], B[:, h : h + 1], Ua[:, h : h + 1], Ub[:, h : h + 1], 0.2, cfg)
         torch.testing.assert_close(dA[:, h], a[:, 0], rtol=0, atol=1e-12)
         torch.testing.assert_close(dB[:, h], b[:, 0], rtol=0, atol=1e-12)
 
@@ -154,6 +161,7 @@ def test_inverse_cholesky_factor_whitens_and_flags_singular():
 # CompositionalMuon: one stacked kernel call vs per-layer functional calls
 # ------------------------------------------------------------------------------------------------
 
+
 class Layer(nn.Module):
     def __init__(self, D, H, hkv):
         super().__init__()
@@ -162,9 +170,17 @@ class Layer(nn.Module):
         self.k_proj, self.v_proj = nn.Linear(D, hkv * d, bias=False), nn.Linear(D, hkv * d, bias=False)
 
 
-@pytest.mark.parametrize("kw", [dict(), dict(isotropic=True), dict(method="joint", hybrid=False),
-                                dict(connection="frobenius"), dict(hybrid=False, whitening="post")],
-                         ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(isotropic=True),
+        dict(method="joint", hybrid=False),
+        dict(connection="frobenius"),
+        dict(hybrid=False, whitening="post"),
+    ],
+    ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default",
+)
 @pytest.mark.parametrize("hkv", [4, 2])
 def test_compositional_muon_stacked_equals_per_layer_cm_calls(kw, hkv):
     torch.manual_seed(0)
@@ -174,16 +190,19 @@ def test_compositional_muon_stacked_equals_per_layer_cm_calls(kw, hkv):
     for m in (layers, ref):
         for p in m.parameters():
             p.grad = torch.randn(p.shape, dtype=F64, generator=torch.Generator().manual_seed(p.numel() + p.shape[0]))
-    specs = [AttentionSpec.separate(f"l{i}", l.q_proj, l.k_proj, l.v_proj, l.o_proj, head_dim=d)
-             for i, l in enumerate(layers)]
+    specs = [
+        AttentionSpec.separate(f"l{i}", l.q_proj, l.k_proj, l.v_proj, l.o_proj, head_dim=d)
+        for i, l in enumerate(layers)
+    ]
     opt = CompositionalMuon([dict(kind="cm", attention=specs, lr=0.05, msign_backend="svd", **kw)])
     momenta = {id(p): torch.zeros_like(p) for p in ref.parameters()}
     for step in range(2):
         opt.step()
         for l in ref:
             q, k, v, o = l.q_proj.weight, l.k_proj.weight, l.v_proj.weight, l.o_proj.weight
-            common = dict(head_dim=d, eta=0.05, msign_backend="svd",
-                          **{k_: v_ for k_, v_ in kw.items() if k_ != "hybrid"})
+            common = dict(
+                head_dim=d, eta=0.05, msign_backend="svd", **{k_: v_ for k_, v_ in kw.items() if k_ != "hybrid"}
+            )
             with torch.no_grad():
                 cm_qk(q, k, q.grad, k.grad, momenta[id(q)], momenta[id(k)], **common)
                 cm_ov(v, o, v.grad, o.grad, momenta[id(v)], momenta[id(o)], hybrid=kw.get("hybrid", True), **common)
@@ -194,6 +213,7 @@ def test_compositional_muon_stacked_equals_per_layer_cm_calls(kw, hkv):
 # ------------------------------------------------------------------------------------------------
 # Muon: same-shape batching vs one matrix per optimizer
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("backend", ["newton_schulz", "svd"])
 def test_muon_same_shape_batching_equals_separate(backend):
@@ -218,6 +238,7 @@ def test_muon_same_shape_batching_equals_separate(backend):
 # ------------------------------------------------------------------------------------------------
 # torch.compile
 # ------------------------------------------------------------------------------------------------
+
 
 def _compile_available() -> bool:
     if not hasattr(torch, "compile"):

@@ -3,6 +3,7 @@
 Each test names the invariant it proves; each was checked to fail when the rule it guards is
 broken (see the mutation notes in the comments).
 """
+
 import itertools
 
 import pytest
@@ -21,13 +22,21 @@ def rnd(*shape, seed=0, scale=1.0):
 
 
 def qk_problem(H=4, Hkv=4, d=8, D=32, seed=0):
-    return (rnd(H * d, D, seed=seed), rnd(Hkv * d, D, seed=seed + 1), rnd(H * d, D, seed=seed + 2),
-            rnd(Hkv * d, D, seed=seed + 3))
+    return (
+        rnd(H * d, D, seed=seed),
+        rnd(Hkv * d, D, seed=seed + 1),
+        rnd(H * d, D, seed=seed + 2),
+        rnd(Hkv * d, D, seed=seed + 3),
+    )
 
 
 def ov_problem(H=4, Hkv=4, d=8, D=32, seed=10):
-    return (rnd(Hkv * d, D, seed=seed), rnd(D, H * d, seed=seed + 1), rnd(Hkv * d, D, seed=seed + 2),
-            rnd(D, H * d, seed=seed + 3))
+    return (
+        rnd(Hkv * d, D, seed=seed),
+        rnd(D, H * d, seed=seed + 1),
+        rnd(Hkv * d, D, seed=seed + 2),
+        rnd(D, H * d, seed=seed + 3),
+    )
 
 
 def run_qk(wq, wk, gq, gk, d, eta=0.1, **kw):
@@ -49,6 +58,7 @@ def opnorm(x):
 # ------------------------------------------------------------------------------------------------
 # Agreement with the per-head reference transcription
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("H,Hkv", [(4, 4), (4, 2), (4, 1)])
 def test_qk_matches_per_head_reference(H, Hkv):
@@ -72,6 +82,7 @@ def test_ov_matches_per_head_reference(H, Hkv, hybrid):
 # ------------------------------------------------------------------------------------------------
 # Invariant 1: composed-norm bound (equality for full-row-rank partners and lam = 0)
 # ------------------------------------------------------------------------------------------------
+
 
 def test_qk_composed_norm_bound_with_equality():
     wq, wk, gq, gk = qk_problem()
@@ -136,6 +147,7 @@ def test_gqa_bound_every_query_head_against_shared_key(H, Hkv):
 # Invariant 2: steepest descent
 # ------------------------------------------------------------------------------------------------
 
+
 def test_qk_steepest_descent_identity_and_optimality():
     d, eta = 8, 0.1
     wq, wk, gq, gk = qk_problem()
@@ -172,6 +184,7 @@ def test_ov_steepest_descent_identities():
 # ------------------------------------------------------------------------------------------------
 # Invariant 3: gauge invariance (and plain Muon's lack of it)
 # ------------------------------------------------------------------------------------------------
+
 
 def _qk_loss_grads(wq, wk, d, target):
     """Gradients of a nonlinear loss that sees the weights only through M_h = Wq_h^T Wk_h."""
@@ -245,13 +258,17 @@ def test_ov_gauge_invariance(hybrid):
     def grads(wv, wo):
         wv = wv.clone().requires_grad_(True)
         wo = wo.clone().requires_grad_(True)
-        loss = sum(torch.tanh((o @ v) * target[h]).sum() + 0.5 * ((o @ v) ** 2).sum()
-                   for h, (v, o) in enumerate(zip(heads_rows(wv, d), heads_cols(wo, d))))
+        loss = sum(
+            torch.tanh((o @ v) * target[h]).sum() + 0.5 * ((o @ v) ** 2).sum()
+            for h, (v, o) in enumerate(zip(heads_rows(wv, d), heads_cols(wo, d)))
+        )
         return torch.autograd.grad(loss, (wv, wo))
 
     def composed(wv, wo, dv, do):
-        return [o @ dV + dO @ v for v, o, dV, dO in
-                zip(heads_rows(wv, d), heads_cols(wo, d), heads_rows(dv, d), heads_cols(do, d))]
+        return [
+            o @ dV + dO @ v
+            for v, o, dV, dO in zip(heads_rows(wv, d), heads_cols(wo, d), heads_rows(dv, d), heads_cols(do, d))
+        ]
 
     A = [rnd(d, d, seed=60 + h) + 2 * torch.eye(d, dtype=F64) for h in range(H)]
     wv2 = torch.cat([torch.linalg.inv(a) @ v for a, v in zip(A, heads_rows(wv, d))])
@@ -265,6 +282,7 @@ def test_ov_gauge_invariance(hybrid):
 # ------------------------------------------------------------------------------------------------
 # Invariant 4: reduction to per-head Muon; invariant 5: isotropic == full for isotropic Grams
 # ------------------------------------------------------------------------------------------------
+
 
 def _orthonormal_rows(H, d, D, seed, scales=None):
     rows = []
@@ -316,6 +334,7 @@ def test_isotropic_is_partner_rescaled_muon():
 # Connections: horizontal in their metric, composed first-order update unchanged
 # ------------------------------------------------------------------------------------------------
 
+
 def _metric(name, lam, A, B):
     """Inner products of the connection's metric on (P, Q) pairs, A: (H,d,D), B: (Hkv,d,D)."""
     G = A.shape[0] // B.shape[0]
@@ -324,8 +343,10 @@ def _metric(name, lam, A, B):
         return lambda P1, Q1, P2, Q2: (P1 * P2).sum() + (Q1 * Q2).sum()
     Cb2 = [b @ b.T + lam * eye for b in B]
     Ca2 = [sum(A[h] @ A[h].T for h in range(g * G, (g + 1) * G)) + lam * eye for g in range(B.shape[0])]
-    return lambda P1, Q1, P2, Q2: (sum((P1[h] * (Cb2[h // G] @ P2[h])).sum() for h in range(A.shape[0]))
-                                   + sum((Q1[g] * (Ca2[g] @ Q2[g])).sum() for g in range(B.shape[0])))
+    return lambda P1, Q1, P2, Q2: (
+        sum((P1[h] * (Cb2[h // G] @ P2[h])).sum() for h in range(A.shape[0]))
+        + sum((Q1[g] * (Ca2[g] @ Q2[g])).sum() for g in range(B.shape[0]))
+    )
 
 
 @pytest.mark.parametrize("connection", [c for c in CONNECTIONS if c != "none"])
@@ -337,9 +358,14 @@ def test_connection_removes_vertical_component(connection, H, Hkv):
     P2, Q2 = horizontal_projection(A, B, P, Q, connection, lam)
     inner = _metric(connection, lam, A[0], B[0])
     G = H // Hkv
-    gens = [torch.eye(d, dtype=F64)] if connection.endswith("scalar") else [
-        torch.zeros(d, d, dtype=F64).index_put_((torch.tensor(i), torch.tensor(j)), torch.tensor(1.0, dtype=F64))
-        for i, j in itertools.product(range(d), range(d))]
+    gens = (
+        [torch.eye(d, dtype=F64)]
+        if connection.endswith("scalar")
+        else [
+            torch.zeros(d, d, dtype=F64).index_put_((torch.tensor(i), torch.tensor(j)), torch.tensor(1.0, dtype=F64))
+            for i, j in itertools.product(range(d), range(d))
+        ]
+    )
     for g in range(Hkv):
         for X in gens:  # vertical direction of group g generated by X
             VP = torch.zeros_like(P[0])
@@ -400,6 +426,7 @@ def test_vertical_update_projects_to_zero():
 # Variants: joint, whitening sides, per_mat_renorm
 # ------------------------------------------------------------------------------------------------
 
+
 def test_joint_is_steepest_descent_for_the_stacked_norm():
     d, eta = 8, 0.1
     wq, wk, gq, gk = qk_problem()
@@ -416,7 +443,9 @@ def test_joint_is_steepest_descent_for_the_stacked_norm():
         torch.testing.assert_close(Za @ Za.T + Zb @ Zb.T, torch.eye(d, dtype=F64), rtol=0, atol=1e-12)
         dM = heads_rows(dq, d)[h].T @ K[h] + Q[h].T @ heads_rows(dk, d)[h]
         assert opnorm(dM) <= eta * (opnorm(Za) + opnorm(Zb)) + 1e-12 <= 2 * eta + 1e-12
-        inner = (heads_rows(gq, d)[h] * heads_rows(dq, d)[h]).sum() + (heads_rows(gk, d)[h] * heads_rows(dk, d)[h]).sum()
+        inner = (heads_rows(gq, d)[h] * heads_rows(dq, d)[h]).sum() + (
+            heads_rows(gk, d)[h] * heads_rows(dk, d)[h]
+        ).sum()
         torch.testing.assert_close(inner, -eta * torch.linalg.matrix_norm(S, "nuc"))
 
 
@@ -431,8 +460,10 @@ def test_joint_ov_hybrid_is_one_msign_over_whole_matrices():
     right = torch.cat([(g @ c).T for c, g in zip(Cv, heads_cols(go, d))])  # whitened O^T grads (H d x D)
     Z = polar(torch.cat([right, left], dim=1))
     for h in range(4):
-        torch.testing.assert_close(heads_rows(dv, d)[h], -eta * Co[h] @ Z[h * d:(h + 1) * d, 32:], rtol=0, atol=1e-12)
-        torch.testing.assert_close(heads_cols(do, d)[h], -eta * (Cv[h] @ Z[h * d:(h + 1) * d, :32]).T, rtol=0, atol=1e-12)
+        torch.testing.assert_close(heads_rows(dv, d)[h], -eta * Co[h] @ Z[h * d : (h + 1) * d, 32:], rtol=0, atol=1e-12)
+        torch.testing.assert_close(
+            heads_cols(do, d)[h], -eta * (Cv[h] @ Z[h * d : (h + 1) * d, :32]).T, rtol=0, atol=1e-12
+        )
 
 
 @pytest.mark.parametrize("whitening", ["pre", "post", "none"])
@@ -463,14 +494,16 @@ def test_per_mat_renorm_restores_leg_norm():
 # Invariant 6: shape sweeps and degenerate inputs
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("d,D", [(8, 32), (8, 8), (8, 4)])  # wide, square, tall head blocks
 @pytest.mark.parametrize("backend,tol", [("svd", 1e-12), ("polar_express", 0.02)])
 def test_shape_sweep_bound(d, D, backend, tol):
     H, eta, lam = 3, 0.1, 1e-3
     wq, wk = rnd(H * d, D, seed=1), rnd(H * d, D, seed=2)
     gq, gk = rnd(H * d, D, seed=3), rnd(H * d, D, seed=4)
-    dq, dk = run_qk(wq, wk, gq, gk, d, eta, lam=lam, msign_backend=backend,
-                    msign_dtype=torch.float32 if backend != "svd" else None)
+    dq, dk = run_qk(
+        wq, wk, gq, gk, d, eta, lam=lam, msign_backend=backend, msign_dtype=torch.float32 if backend != "svd" else None
+    )
     for q, k, dQ, dK in zip(*(heads_rows(t, d) for t in (wq, wk, dq, dk))):
         assert opnorm(dQ.T @ k) <= eta / 2 * (1 + tol)
         assert opnorm(q.T @ dK) <= eta / 2 * (1 + tol)
@@ -508,12 +541,29 @@ def test_momentum_reproject_leaves_horizontal_buffers(connection):
     mq, mk = rnd(12, 12, seed=20), rnd(12, 12, seed=21)  # stale momentum, not horizontal
     gq, gk = rnd(12, 12, seed=22), rnd(12, 12, seed=23)
     a, b = wq.clone(), wk.clone()
-    cm_qk(a, b, gq, gk, mq, mk, head_dim=d, eta=0.1, lam=lam, msign_backend="svd",
-          connection=connection, momentum_reproject=True)
+    cm_qk(
+        a,
+        b,
+        gq,
+        gk,
+        mq,
+        mk,
+        head_dim=d,
+        eta=0.1,
+        lam=lam,
+        msign_backend="svd",
+        connection=connection,
+        momentum_reproject=True,
+    )
     # buffers are the projection of beta*m + g at the pre-step weights
-    expect = horizontal_projection(wq.view(1, 3, d, 12), wk.view(1, 3, d, 12),
-                                   (0.95 * rnd(12, 12, seed=20) + gq).view(1, 3, d, 12),
-                                   (0.95 * rnd(12, 12, seed=21) + gk).view(1, 3, d, 12), connection, lam)
+    expect = horizontal_projection(
+        wq.view(1, 3, d, 12),
+        wk.view(1, 3, d, 12),
+        (0.95 * rnd(12, 12, seed=20) + gq).view(1, 3, d, 12),
+        (0.95 * rnd(12, 12, seed=21) + gk).view(1, 3, d, 12),
+        connection,
+        lam,
+    )
     torch.testing.assert_close(mq, expect[0].reshape(12, 12))
     torch.testing.assert_close(mk, expect[1].reshape(12, 12))
     inner = _metric(connection, lam, wq.view(3, d, 12), wk.view(3, d, 12))

@@ -6,14 +6,14 @@ per-head transcription, for the composed-norm bound, for being the identity wher
 the msign output already has the same norm, and for checkpoint resume. ``transform="newton"``
 and the combinations that are not defined are refused.
 """
+
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-from compositional_muon import AttentionSpec, CompositionalMuon
-from compositional_muon import msign
+from compositional_muon import AttentionSpec, CompositionalMuon, msign
 from compositional_muon.cm import normalize_head_rows
 
 F64 = torch.float64
@@ -24,8 +24,9 @@ ETA, BETA, BETA2, LAM, EPS = 0.05, 0.9, 0.8, 1e-2, 1e-8
 class Attn(nn.Module):
     def __init__(self):
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (nn.Linear(D_, D_, bias=False, dtype=F64)
-                                                              for _ in range(4))
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(D_, D_, bias=False, dtype=F64) for _ in range(4)
+        )
         self.head_dim = d
 
 
@@ -36,8 +37,18 @@ def make(seed=0):
 
 def opt_for(m, **kw):
     spec = AttentionSpec.separate("attn", m.q_proj, m.k_proj, m.v_proj, m.o_proj, head_dim=d)
-    kw = dict(dict(lr=ETA, momentum=BETA, lam=LAM, msign_backend="svd", transform="normuon",
-                   transform_beta2=BETA2, transform_eps=EPS), **kw)
+    kw = dict(
+        dict(
+            lr=ETA,
+            momentum=BETA,
+            lam=LAM,
+            msign_backend="svd",
+            transform="normuon",
+            transform_beta2=BETA2,
+            transform_eps=EPS,
+        ),
+        **kw,
+    )
     return CompositionalMuon([dict(kind="cm", attention=[spec], **kw)])
 
 
@@ -90,13 +101,13 @@ class Reference:
         self.hybrid = hybrid
 
     def block(self, k, W, h):
-        return W[:, h * d:(h + 1) * d].T if k == "o" else W[h * d:(h + 1) * d]
+        return W[:, h * d : (h + 1) * d].T if k == "o" else W[h * d : (h + 1) * d]
 
     def put(self, k, W, h, X):
         if k == "o":
-            W[:, h * d:(h + 1) * d] = X.T
+            W[:, h * d : (h + 1) * d] = X.T
         else:
-            W[h * d:(h + 1) * d] = X
+            W[h * d : (h + 1) * d] = X
 
     def step(self, gs):
         for k, g in zip("qkvo", gs):
@@ -174,8 +185,9 @@ def test_normalize_head_rows_keeps_the_spectral_norm_and_the_composed_bound():
     torch.testing.assert_close(torch.linalg.matrix_norm(out, 2), torch.linalg.matrix_norm(Z, 2))
     torch.testing.assert_close(new_v, BETA2 * v + (1 - BETA2) * Z.square().mean(-1, keepdim=True))
     whole, _ = normalize_head_rows(Z, v, BETA2, EPS, unit_dims=2)
-    torch.testing.assert_close(torch.linalg.matrix_norm(whole.flatten(1, 3), 2),
-                               torch.linalg.matrix_norm(Z.flatten(1, 3), 2))
+    torch.testing.assert_close(
+        torch.linalg.matrix_norm(whole.flatten(1, 3), 2), torch.linalg.matrix_norm(Z.flatten(1, 3), 2)
+    )
     zero, _ = normalize_head_rows(torch.zeros_like(Z), v, BETA2, EPS)
     assert torch.equal(zero, torch.zeros_like(Z))
 
@@ -230,6 +242,7 @@ def test_normuon_transform_refused_for_dtensor_params(tmp_path):
     """FSDP2 (DTensor) parameters: transform='normuon' raises a clear error and writes nothing."""
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         m = make()

@@ -1,22 +1,23 @@
 """CompositionalMuon: discovery across model families, equivalence with the functional core,
 torch.optim conventions, checkpoints, safety and diagnostics."""
+
 import copy
 import io
 
 import pytest
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from compositional_muon import NonFiniteError, cm_ov, cm_qk
 from compositional_muon.attention import AttentionSpec, HeadSlice, find_attention
 from compositional_muon.compositional import CompositionalMuon
 from compositional_muon.muon import Muon
 
-
 # ------------------------------------------------------------------------------------------------
 # Small models of each attention layout
 # ------------------------------------------------------------------------------------------------
+
 
 class SepAttn(nn.Module):
     """Llama-style: separate bias-free projections and a head_dim attribute."""
@@ -107,6 +108,7 @@ EXACT = dict(msign_backend="svd")
 # Discovery and routing
 # ------------------------------------------------------------------------------------------------
 
+
 def test_from_model_routes_every_parameter_once():
     torch.manual_seed(0)
     m = TinyGPT(Hkv=2)
@@ -147,18 +149,31 @@ def test_explicit_spec_api_and_partial_coverage_error():
     opt = CompositionalMuon.from_model(m, attention=[spec])
     assert opt.param_groups[0]["cm_pairs"][0]["name"] == "layer0.qk"
     # a spec that leaves rows of a fused weight uncovered is refused
-    bad = AttentionSpec("bad", head_dim=8, num_heads=4, num_kv_heads=4, q=HeadSlice(a.c_attn.weight, 0, 0),
-                        k=HeadSlice(a.c_attn.weight, 0, 32))
+    bad = AttentionSpec(
+        "bad",
+        head_dim=8,
+        num_heads=4,
+        num_kv_heads=4,
+        q=HeadSlice(a.c_attn.weight, 0, 0),
+        k=HeadSlice(a.c_attn.weight, 0, 32),
+    )
     with pytest.raises(ValueError, match="only partly covered"):
         CompositionalMuon.from_model(m, attention=[bad])
     with pytest.raises(ValueError, match="need 40 entries along axis 0"):
-        AttentionSpec("x", head_dim=8, num_heads=5, num_kv_heads=5, q=HeadSlice(torch.zeros(32, 8)),
-                      k=HeadSlice(torch.zeros(32, 8)))
+        AttentionSpec(
+            "x",
+            head_dim=8,
+            num_heads=5,
+            num_kv_heads=5,
+            q=HeadSlice(torch.zeros(32, 8)),
+            k=HeadSlice(torch.zeros(32, 8)),
+        )
 
 
 # ------------------------------------------------------------------------------------------------
 # Equivalence with the functional core, fused layouts and layer batching
 # ------------------------------------------------------------------------------------------------
+
 
 def test_step_equals_functional_core_plus_muon_plus_adamw():
     torch.manual_seed(2)
@@ -178,10 +193,30 @@ def test_step_equals_functional_core_plus_muon_plus_adamw():
         for b in ref.blocks:
             a = b.attn
             P = (a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, a.o_proj.weight)
-            cm_qk(P[0], P[1], P[0].grad, P[1].grad, bufs[id(P[0])], bufs[id(P[1])], head_dim=8, eta=0.05,
-                  weight_decay=0.1, **EXACT)
-            cm_ov(P[2], P[3], P[2].grad, P[3].grad, bufs[id(P[2])], bufs[id(P[3])], head_dim=8, eta=0.05,
-                  weight_decay=0.1, **EXACT)
+            cm_qk(
+                P[0],
+                P[1],
+                P[0].grad,
+                P[1].grad,
+                bufs[id(P[0])],
+                bufs[id(P[1])],
+                head_dim=8,
+                eta=0.05,
+                weight_decay=0.1,
+                **EXACT,
+            )
+            cm_ov(
+                P[2],
+                P[3],
+                P[2].grad,
+                P[3].grad,
+                bufs[id(P[2])],
+                bufs[id(P[3])],
+                head_dim=8,
+                eta=0.05,
+                weight_decay=0.1,
+                **EXACT,
+            )
         ref_muon.step()
         ref_adam.step()
         for (n, p), q in zip(m.named_parameters(), ref.parameters()):
@@ -207,7 +242,9 @@ def test_fused_qkv_equals_separate_projections():
     train(fused, o2, 3)
     for bs, bf in zip(sep.blocks, fused.blocks):
         a = bs.attn
-        torch.testing.assert_close(bf.attn.c_attn.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        torch.testing.assert_close(
+            bf.attn.c_attn.weight, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        )
         torch.testing.assert_close(bf.attn.c_proj.weight, a.o_proj.weight)
 
 
@@ -230,13 +267,18 @@ def test_layer_batched_step_equals_per_layer_steps():
             o.step()
     for i in range(3):
         for p in "qkvo":
-            torch.testing.assert_close(getattr(m.blocks[i].attn, f"{p}_proj").weight,
-                                       getattr(per_layer.blocks[i].attn, f"{p}_proj").weight, rtol=0, atol=1e-13)
+            torch.testing.assert_close(
+                getattr(m.blocks[i].attn, f"{p}_proj").weight,
+                getattr(per_layer.blocks[i].attn, f"{p}_proj").weight,
+                rtol=0,
+                atol=1e-13,
+            )
 
 
 # ------------------------------------------------------------------------------------------------
 # torch.optim conventions
 # ------------------------------------------------------------------------------------------------
+
 
 def test_state_dict_resume_is_bit_identical():
     torch.manual_seed(8)
@@ -345,6 +387,7 @@ def test_pair_with_missing_grad_is_skipped():
 # Safety
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("policy", ["raise", "skip"])
 def test_nonfinite_gradients_never_reach_weights(policy):
     torch.manual_seed(12)
@@ -399,8 +442,11 @@ def test_zero_initialized_o_proj_trains_without_blowup():
     torch.manual_seed(13)
     m = TinyGPT(D=64, H=4, L=2, zero_o=True)
     opt = CompositionalMuon.from_model(m, lr=0.02, muon_lr=0.02, adamw_lr=3e-3)
-    attn_weights = [p for b in m.blocks for p in (b.attn.q_proj.weight, b.attn.k_proj.weight,
-                                                  b.attn.v_proj.weight, b.attn.o_proj.weight)]
+    attn_weights = [
+        p
+        for b in m.blocks
+        for p in (b.attn.q_proj.weight, b.attn.k_proj.weight, b.attn.v_proj.weight, b.attn.o_proj.weight)
+    ]
     largest, losses = 0.0, []
     for s in range(100):
         before = [w.detach().clone() for w in attn_weights]
@@ -417,6 +463,7 @@ def test_zero_initialized_o_proj_trains_without_blowup():
 # ------------------------------------------------------------------------------------------------
 # Diagnostics
 # ------------------------------------------------------------------------------------------------
+
 
 def test_diagnostics_per_head_steps_and_composed_norms():
     torch.manual_seed(14)
@@ -442,7 +489,8 @@ def test_diagnostics_per_head_steps_and_composed_norms():
 
 def test_from_model_msign_dtype_reaches_the_muon_group():
     """One precision for the whole model: ``msign_dtype`` given to from_model also sets the Muon group's."""
-    from compositional_muon.models import GPT, GPTConfig
+    from compositional_muon.training.models import GPT, GPTConfig
+
     model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=1, n_head=2, n_embd=16))
     opt = CompositionalMuon.from_model(model, msign_dtype=torch.float64)
     kinds = {g["kind"]: g for g in opt.param_groups}

@@ -1,12 +1,22 @@
 """Data: the embedded corpus, text and FineWeb loading, TokenDataset batches and resumption."""
+
 import struct
 import sys
 
 import pytest
 import torch
 
-from compositional_muon.data import (FINEWEB_MAGIC, TokenDataset, default_corpus, get_tokenizer, load_dataset,
-                                     load_fineweb, load_fineweb_shard, load_text, write_fineweb_shard)
+from compositional_muon.training.data import (
+    FINEWEB_MAGIC,
+    TokenDataset,
+    default_corpus,
+    get_tokenizer,
+    load_dataset,
+    load_fineweb,
+    load_fineweb_shard,
+    load_text,
+    write_fineweb_shard,
+)
 
 
 def test_default_corpus_is_deterministic_english_bytes():
@@ -20,7 +30,7 @@ def test_default_corpus_is_deterministic_english_bytes():
     assert ds.train.dtype == torch.uint8
     assert ds.train.numel() + ds.val.numel() == len(a)
     assert ds.val.numel() == int(len(a) * 0.1)
-    assert bytes(ds.val[:50].tolist()) == a[len(a) - ds.val.numel():][:50]
+    assert bytes(ds.val[:50].tolist()) == a[len(a) - ds.val.numel() :][:50]
     assert load_dataset("default", seed=0).train.numel() == ds.train.numel()
 
 
@@ -35,7 +45,7 @@ def test_batches_shapes_dtypes_and_shift():
     # every window is a slice of the val split
     val = ds.val.long()
     row = torch.cat((xv[0], yv[0, -1:]))
-    assert any(torch.equal(val[i:i + 17], row) for i in range(val.numel() - 16))
+    assert any(torch.equal(val[i : i + 17], row) for i in range(val.numel() - 16))
 
 
 def test_determinism_for_a_seed():
@@ -104,7 +114,7 @@ def _corrupt(tmp_path, name, header=None, cut=0):
     raw = bytearray(p.read_bytes())
     if header:
         for i, v in header.items():
-            raw[4 * i: 4 * i + 4] = struct.pack("<i", v)
+            raw[4 * i : 4 * i + 4] = struct.pack("<i", v)
     p.write_bytes(bytes(raw[: len(raw) - cut]))
     return p
 

@@ -4,6 +4,7 @@ CM's aligned QK step communicates nothing, the unaligned fallback, DCP checkpoin
 The multi-process scenarios run in one spawned job per world size (2 and 4 processes, one
 process group each, to pay the start-up once); each test asserts on its scenario's recorded result.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,6 +24,7 @@ from torch import nn
 from compositional_muon import AdaMuon, CompositionalMuon, Mano, Muon, MuonWithAuxAdam, NewtonMuon, NorMuon
 from compositional_muon import distributed as D
 from compositional_muon.msign import msign
+from compositional_muon.training import dist as TD
 
 F32 = torch.float32
 STEPS = 3
@@ -137,17 +139,21 @@ def build_opt(name, model, distributed="auto"):
         gs[0].update(lr=0.02, msign_dtype=F32, weight_decay=0.01)
         return MuonWithAuxAdam(gs, **kw)
     if name == "cm":
-        return CompositionalMuon.from_model(model, lr=0.02, muon_lr=0.02, adamw_lr=1e-2, msign_dtype=F32,
-                                            weight_decay=0.01, **kw)
+        return CompositionalMuon.from_model(
+            model, lr=0.02, muon_lr=0.02, adamw_lr=1e-2, msign_dtype=F32, weight_decay=0.01, **kw
+        )
     if name == "cm_iso":
-        return CompositionalMuon.from_model(model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, isotropic=True,
-                                            hybrid=False, nesterov=True, **kw)
+        return CompositionalMuon.from_model(
+            model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, isotropic=True, hybrid=False, nesterov=True, **kw
+        )
     if name == "cm_renorm":
-        return CompositionalMuon.from_model(model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, per_mat_renorm=True,
-                                            msign_backend="newton_schulz", **kw)
+        return CompositionalMuon.from_model(
+            model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, per_mat_renorm=True, msign_backend="newton_schulz", **kw
+        )
     if name == "cm_joint":  # not head-local across a width-sharded factor: gather fallback for OV
-        return CompositionalMuon.from_model(model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, method="joint",
-                                            hybrid=False, **kw)
+        return CompositionalMuon.from_model(
+            model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, method="joint", hybrid=False, **kw
+        )
     if name == "normuon":
         return NorMuon(matrix_groups(model), lr=0.01, msign_dtype=F32, **kw)
     if name == "adamuon":
@@ -168,7 +174,7 @@ def train(model, opt, data, rank=0, world=1, steps=STEPS):
     B = data[0][0].size(0)
     per = B // world
     for x, y in data[:steps]:
-        xs, ys = x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
+        xs, ys = x[rank * per : (rank + 1) * per], y[rank * per : (rank + 1) * per]
         opt.zero_grad(set_to_none=True)
         logits = model(xs)
         F.cross_entropy(logits.reshape(-1, logits.size(-1)), ys.reshape(-1)).backward()
@@ -176,7 +182,7 @@ def train(model, opt, data, rank=0, world=1, steps=STEPS):
 
 
 def full_params(model) -> dict:
-    inner = D.unwrap_model(model)
+    inner = TD.unwrap_model(model)
     return {n: (p.full_tensor() if D.is_dtensor(p) else p).detach().clone() for n, p in inner.named_parameters()}
 
 
@@ -199,8 +205,8 @@ def reference(cfg, name, data):
 
 
 def distributed_run(cfg, name, mode, data, rank, world, distributed="auto", counter=None):
-    model = D.wrap_model(make_model(cfg), mode)
-    opt = build_opt(name, D.unwrap_model(model), distributed=distributed)
+    model = TD.wrap_model(make_model(cfg), mode)
+    opt = build_opt(name, TD.unwrap_model(model), distributed=distributed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         if counter is None:
@@ -208,7 +214,7 @@ def distributed_run(cfg, name, mode, data, rank, world, distributed="auto", coun
         else:
             train(model, opt, data, rank, world, steps=STEPS - 1)
             with counter:
-                train(model, opt, data[STEPS - 1:], rank, world, steps=1)
+                train(model, opt, data[STEPS - 1 :], rank, world, steps=1)
     return full_params(model), [str(w.message) for w in caught if "fallback" in str(w.message)]
 
 
@@ -231,8 +237,9 @@ def sc_equivalence(rank, world, opts, modes, cfg):
             got, warns = distributed_run(cfg, name, mode, data, rank, world, counter=counter)
             if rank == 0:
                 e_p, e_d = rel_errors(got, ref, init)
-                out[f"{mode}/{name}"] = dict(rel=e_p, rel_displacement=e_d, bytes=counter.by_tag(),
-                                             calls=counter.count(), warnings=warns)
+                out[f"{mode}/{name}"] = dict(
+                    rel=e_p, rel_displacement=e_d, bytes=counter.by_tag(), calls=counter.count(), warnings=warns
+                )
     return out
 
 
@@ -250,18 +257,36 @@ def sc_qk_comm(rank, world, cfg):
 
     from compositional_muon.attention import AttentionSpec, HeadSlice
 
-    model = D.wrap_model(make_model(cfg), "fsdp2")
-    specs = [AttentionSpec(f"blocks.{i}.attn", cfg["d"], cfg["H"], cfg["Hkv"], HeadSlice(b.attn.q_proj.weight),
-                           HeadSlice(b.attn.k_proj.weight)) for i, b in enumerate(model.blocks)]
+    model = TD.wrap_model(make_model(cfg), "fsdp2")
+    specs = [
+        AttentionSpec(
+            f"blocks.{i}.attn",
+            cfg["d"],
+            cfg["H"],
+            cfg["Hkv"],
+            HeadSlice(b.attn.q_proj.weight),
+            HeadSlice(b.attn.k_proj.weight),
+        )
+        for i, b in enumerate(model.blocks)
+    ]
     opt = CompositionalMuon([dict(kind="cm", attention=specs, lr=0.02, msign_dtype=F32)])
     x, y = batches(cfg["V"], 1)[0]
     per = x.size(0) // world
-    logits = model(x[rank * per:(rank + 1) * per])
-    F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[rank * per:(rank + 1) * per].reshape(-1)).backward()
+    logits = model(x[rank * per : (rank + 1) * per])
+    F.cross_entropy(logits.reshape(-1, logits.size(-1)), y[rank * per : (rank + 1) * per].reshape(-1)).backward()
     calls = []
     originals = {}
-    for fn in ("all_reduce", "all_gather_into_tensor", "all_gather_single", "all_to_all_single", "all_gather",
-               "broadcast", "reduce_scatter_tensor", "gather", "scatter"):
+    for fn in (
+        "all_reduce",
+        "all_gather_into_tensor",
+        "all_gather_single",
+        "all_to_all_single",
+        "all_gather",
+        "broadcast",
+        "reduce_scatter_tensor",
+        "gather",
+        "scatter",
+    ):
         if not hasattr(dist, fn):
             continue
         originals[fn] = getattr(dist, fn)
@@ -278,37 +303,42 @@ def sc_qk_comm(rank, world, cfg):
     finally:
         for fn, f in originals.items():
             setattr(dist, fn, f)
-    return dict(paths=sorted({it["path"] for it in plan}), qk_bytes=counter.total("cm."), tags=counter.by_tag(),
-                calls=calls, all_collectives=mode.get_total_counts(),
-                by_op={str(k): v for k, v in mode.get_comm_counts().items()})
+    return dict(
+        paths=sorted({it["path"] for it in plan}),
+        qk_bytes=counter.total("cm."),
+        tags=counter.by_tag(),
+        calls=calls,
+        all_collectives=mode.get_total_counts(),
+        by_op={str(k): v for k, v in mode.get_comm_counts().items()},
+    )
 
 
 def sc_checkpoint(rank, world, cfg, path, mode):
-    from compositional_muon.checkpoint import CheckpointError
+    from compositional_muon.training.checkpoint import CheckpointError
 
     data = batches(cfg["V"], 4)
     out = {}
     for name in ("cm", "normuon"):
         ck = os.path.join(path, f"{mode}-{name}")
-        model = D.wrap_model(make_model(cfg), mode)
-        opt = build_opt(name, D.unwrap_model(model))
+        model = TD.wrap_model(make_model(cfg), mode)
+        opt = build_opt(name, TD.unwrap_model(model))
         train(model, opt, data[:2], rank, world, steps=2)
-        D.save_checkpoint(ck, model, opt, extra=dict(step=2))
+        TD.save_checkpoint(ck, model, opt, extra=dict(step=2))
         train(model, opt, data[2:], rank, world, steps=2)
         want = full_params(model)
-        model2 = D.wrap_model(make_model(cfg, seed=123), mode)  # different init: all must come from the ckpt
-        opt2 = build_opt(name, D.unwrap_model(model2))
-        extra = D.load_checkpoint(ck, model2, opt2)
+        model2 = TD.wrap_model(make_model(cfg, seed=123), mode)  # different init: all must come from the ckpt
+        opt2 = build_opt(name, TD.unwrap_model(model2))
+        extra = TD.load_checkpoint(ck, model2, opt2)
         train(model2, opt2, data[2:], rank, world, steps=2)
         got = full_params(model2)
         err = max((got[n] - want[n]).abs().max().item() for n in want)
         # an incompatible layout: other head count (same parameter count), then other shapes
         errors = []
         for bad in (dict(cfg, H=cfg["H"] // 2, d=cfg["d"] * 2, Hkv=cfg["Hkv"] // 2), dict(cfg, D_=cfg["D_"] * 2)):
-            model3 = D.wrap_model(make_model(bad), mode)
-            opt3 = build_opt(name, D.unwrap_model(model3))
+            model3 = TD.wrap_model(make_model(bad), mode)
+            opt3 = build_opt(name, TD.unwrap_model(model3))
             try:
-                D.load_checkpoint(ck, model3, opt3)
+                TD.load_checkpoint(ck, model3, opt3)
                 errors.append(None)
             except CheckpointError as e:
                 errors.append(str(e))
@@ -349,8 +379,9 @@ def _worker(rank, world, init_file, jobs, outdir):
     torch.set_num_threads(1)
     import datetime
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=120))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    )
     results = {}
     try:
         for key, fn, args in jobs:
@@ -373,10 +404,10 @@ def _run_world(world, jobs):
     t0 = time.time()
     # A forkserver (a fresh process, so fork-safe) imports torch and this module once; the ranks
     # are forked from it, which saves a torch import per rank.
-    mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "compositional_muon",
-                               __name__])
-    mp.start_processes(_worker, args=(world, os.path.join(outdir, "store"), jobs, outdir), nprocs=world,
-                       start_method="forkserver")
+    mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "compositional_muon", __name__])
+    mp.start_processes(
+        _worker, args=(world, os.path.join(outdir, "store"), jobs, outdir), nprocs=world, start_method="forkserver"
+    )
     with open(os.path.join(outdir, "rank0.json")) as f:
         res = json.load(f)
     res["_seconds"] = time.time() - t0
@@ -386,24 +417,30 @@ def _run_world(world, jobs):
 @pytest.fixture(scope="module")
 def world2():
     path = tempfile.mkdtemp(prefix="cm-ckpt-")
-    return _run_world(2, [
-        ("equiv_gqa", "sc_equivalence", (ALL_OPTS, ("ddp", "fsdp2"), GQA)),
-        ("equiv_extra", "sc_equivalence", (("cm_renorm",), ("ddp", "fsdp2"), GQA)),
-        ("optout", "sc_optout", (GQA,)),
-        ("qk_comm", "sc_qk_comm", (GQA,)),
-        ("layouts", "sc_layouts", ()),
-        ("ckpt_fsdp2", "sc_checkpoint", (GQA, path, "fsdp2")),
-        ("ckpt_ddp", "sc_checkpoint", (GQA, path, "ddp")),
-    ])
+    return _run_world(
+        2,
+        [
+            ("equiv_gqa", "sc_equivalence", (ALL_OPTS, ("ddp", "fsdp2"), GQA)),
+            ("equiv_extra", "sc_equivalence", (("cm_renorm",), ("ddp", "fsdp2"), GQA)),
+            ("optout", "sc_optout", (GQA,)),
+            ("qk_comm", "sc_qk_comm", (GQA,)),
+            ("layouts", "sc_layouts", ()),
+            ("ckpt_fsdp2", "sc_checkpoint", (GQA, path, "fsdp2")),
+            ("ckpt_ddp", "sc_checkpoint", (GQA, path, "ddp")),
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return _run_world(4, [
-        ("equiv_mha", "sc_equivalence", (("muon", "cm", "cm_iso", "normuon", "newton"), ("fsdp2", "ddp"), MHA)),
-        ("qk_comm", "sc_qk_comm", (MHA,)),
-        ("fallback", "sc_fallback", ()),
-    ])
+    return _run_world(
+        4,
+        [
+            ("equiv_mha", "sc_equivalence", (("muon", "cm", "cm_iso", "normuon", "newton"), ("fsdp2", "ddp"), MHA)),
+            ("qk_comm", "sc_qk_comm", (MHA,)),
+            ("fallback", "sc_fallback", ()),
+        ],
+    )
 
 
 def _result(res, key):
@@ -562,22 +599,22 @@ def test_single_process_is_untouched():
 
 def test_checkpoint_single_process(tmp_path):
     """save_checkpoint / load_checkpoint also work without a process group (same DCP format)."""
-    from compositional_muon.checkpoint import CheckpointError
+    from compositional_muon.training.checkpoint import CheckpointError
 
     data = batches(32, 3)
     model = make_model(GQA)
     opt = build_opt("cm", model)
     train(model, opt, data[:2], steps=2)
-    D.save_checkpoint(str(tmp_path / "ck"), model, opt, extra=dict(step=2))
+    TD.save_checkpoint(str(tmp_path / "ck"), model, opt, extra=dict(step=2))
     train(model, opt, data[2:], steps=1)
     model2 = make_model(GQA, seed=5)
     opt2 = build_opt("cm", model2)
-    assert D.load_checkpoint(str(tmp_path / "ck"), model2, opt2) == {"step": 2}
+    assert TD.load_checkpoint(str(tmp_path / "ck"), model2, opt2) == {"step": 2}
     train(model2, opt2, data[2:], steps=1)
     for (n, a), b in zip(model.named_parameters(), model2.parameters()):
         assert torch.equal(a, b), n
     model3 = make_model(dict(GQA, L=3))
     with pytest.raises(CheckpointError, match="in the model but not in the checkpoint"):
-        D.load_checkpoint(str(tmp_path / "ck"), model3, build_opt("cm", model3))
+        TD.load_checkpoint(str(tmp_path / "ck"), model3, build_opt("cm", model3))
     with pytest.raises(CheckpointError, match="optimizer 'CompositionalMuon' in the checkpoint"):
-        D.load_checkpoint(str(tmp_path / "ck"), model2, build_opt("muon", model2))
+        TD.load_checkpoint(str(tmp_path / "ck"), model2, build_opt("muon", model2))

@@ -1,4 +1,5 @@
 """The experiments runner: a tiny grid end to end, --resume, and clear errors."""
+
 import json
 import math
 import os
@@ -7,12 +8,18 @@ import statistics
 import pytest
 
 from compositional_muon import experiments
-from compositional_muon.experiments import ConfigError, load_config, main
+from compositional_muon.experiments import load_config, main
 
 TINY = {
     "description": "tiny test grid",
-    "steps": 6, "batch_size": 2, "block_size": 16, "eval_interval": 3, "eval_iters": 1, "warmup": 1,
-    "seeds": [0, 1], "threads": 1,
+    "steps": 6,
+    "batch_size": 2,
+    "block_size": 16,
+    "eval_interval": 3,
+    "eval_iters": 1,
+    "warmup": 1,
+    "seeds": [0, 1],
+    "threads": 1,
     "models": {"gpt": {"n_layer": 1, "n_embd": 16, "n_head": 2}},
     "optimizers": {"adamw": {"lr": 0.003}, "cm": {"lr": 0.02}},
 }
@@ -89,8 +96,14 @@ def test_resume_skips_finished_runs(grid, tmp_path, capsys):
     with open(os.path.join(out, "results.json")) as f:
         again = json.load(f)["runs"]
     status = {(r["optimizer"], r["seed"]): r["status"] for r in again}
-    assert status == {("adamw", 0): "resumed", ("adamw", 1): "resumed", ("cm", 0): "resumed",
-                      ("cm", 1): "resumed", ("adamw", 2): "ok", ("cm", 2): "ok"}
+    assert status == {
+        ("adamw", 0): "resumed",
+        ("adamw", 1): "resumed",
+        ("cm", 0): "resumed",
+        ("cm", 1): "resumed",
+        ("adamw", 2): "ok",
+        ("cm", 2): "ok",
+    }
     for d, t in stamps.items():
         assert os.path.getmtime(os.path.join(d, "metrics.jsonl")) == t
     old = {(r["optimizer"], r["seed"]): r["final_val_loss"] for r in res["runs"]}
@@ -116,19 +129,31 @@ def test_lr_sweep_folders_and_best(tmp_path):
 
 def test_shipped_seed003_config_loads():
     cfg = load_config("seed003")
-    assert set(cfg["optimizers"]) >= {"adamw", "muon", "cm", "cm-isotropic", "circuit-muon", "normuon",
-                                      "adamuon", "mano", "newton-muon"}
+    assert set(cfg["optimizers"]) >= {
+        "adamw",
+        "muon",
+        "cm",
+        "cm-isotropic",
+        "circuit-muon",
+        "normuon",
+        "adamuon",
+        "mano",
+        "newton-muon",
+    }
     assert {m["model"] for m in cfg["models"].values()} == {"loopformer", "mor"}
     runs = experiments.plan_runs(cfg, "x")
     experiments.preflight(cfg, runs)  # every model/optimizer pair builds
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--models", "transformerxl"], "unknown model 'transformerxl'"),
-    (["--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
-    (["--seeds", "a"], "--seeds"),
-    (["--config", "no_such_config"], "neither an existing file nor a shipped config"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--models", "transformerxl"], "unknown model 'transformerxl'"),
+        (["--optimizers", "adamw,sgd"], "unknown optimizer 'sgd'"),
+        (["--seeds", "a"], "--seeds"),
+        (["--config", "no_such_config"], "neither an existing file nor a shipped config"),
+    ],
+)
 def test_bad_names_give_clear_errors(tmp_path, capsys, args, message):
     if "--config" not in args:
         args = ["--config", _write(tmp_path, TINY)] + args
@@ -138,19 +163,22 @@ def test_bad_names_give_clear_errors(tmp_path, capsys, args, message):
     assert not os.path.exists(tmp_path / "o")
 
 
-@pytest.mark.parametrize("text, message", [
-    ("{not json", "is not valid JSON: "),
-    ("[1, 2]", "must be a JSON object"),
-    (json.dumps(dict(TINY, step=5)), "unknown key(s) ['step']"),
-    (json.dumps(dict(TINY, models={"gpt": {"n_layers": 2}})), "'n_layers' is not a GPTConfig field"),
-    (json.dumps(dict(TINY, models={"rnn": {}})), "unknown model 'rnn'"),
-    (json.dumps(dict(TINY, optimizers={"adam": {}})), "unknown optimizer 'adam'"),
-    (json.dumps(dict(TINY, optimizers={"cm": {"lr": -1}})), "lr must be a positive number"),
-    (json.dumps(dict(TINY, optimizers={"cm": {"options": {"no_such_option": 1}}})), "gpt/cm: "),
-    (json.dumps(dict(TINY, steps=0)), "'steps' must be an integer >= 1"),
-    (json.dumps(dict(TINY, seeds=[])), "'seeds' must be a non-empty list"),
-    (json.dumps({k: v for k, v in TINY.items() if k != "models"}), "'models' and 'optimizers' are required"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not valid JSON: "),
+        ("[1, 2]", "must be a JSON object"),
+        (json.dumps(dict(TINY, step=5)), "unknown key(s) ['step']"),
+        (json.dumps(dict(TINY, models={"gpt": {"n_layers": 2}})), "'n_layers' is not a GPTConfig field"),
+        (json.dumps(dict(TINY, models={"rnn": {}})), "unknown model 'rnn'"),
+        (json.dumps(dict(TINY, optimizers={"adam": {}})), "unknown optimizer 'adam'"),
+        (json.dumps(dict(TINY, optimizers={"cm": {"lr": -1}})), "lr must be a positive number"),
+        (json.dumps(dict(TINY, optimizers={"cm": {"options": {"no_such_option": 1}}})), "gpt/cm: "),
+        (json.dumps(dict(TINY, steps=0)), "'steps' must be an integer >= 1"),
+        (json.dumps(dict(TINY, seeds=[])), "'seeds' must be a non-empty list"),
+        (json.dumps({k: v for k, v in TINY.items() if k != "models"}), "'models' and 'optimizers' are required"),
+    ],
+)
 def test_bad_config_files_give_clear_errors(tmp_path, capsys, text, message):
     path = tmp_path / "bad.json"
     path.write_text(text)

@@ -1,5 +1,6 @@
 """CompositionalMuon on real model classes: transformers (Llama, Qwen2, Mistral, GPT-2) built from
 small configs (no downloads), a timm-style ViT attention, and timm itself when it is installed."""
+
 import pytest
 import torch
 from torch import nn
@@ -31,30 +32,53 @@ def _hf_step_and_check(model, n_layers, kv_heads, heads=4):
 
 
 def test_hf_llama_gqa():
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=100)
+    cfg = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+    )
     torch.manual_seed(5)
     _hf_step_and_check(transformers.LlamaForCausalLM(cfg), 2, 2)
 
 
 def test_hf_qwen2_mqa_with_qkv_bias_and_mistral():
     torch.manual_seed(6)
-    q = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=1,
-        vocab_size=100))
+    q = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            vocab_size=100,
+        )
+    )
     opt = _hf_step_and_check(q, 1, 1)
     kinds = {n: k for n, k, _ in opt.routing}
     assert kinds["model.layers.0.self_attn.q_proj.bias"] == "adamw"
-    mi = transformers.MistralForCausalLM(transformers.MistralConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100))
+    mi = transformers.MistralForCausalLM(
+        transformers.MistralConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=100,
+        )
+    )
     _hf_step_and_check(mi, 1, 2)
 
 
 def test_hf_gpt2_conv1d_views():
     torch.manual_seed(7)
-    g = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100,
-                                                             n_positions=32, bos_token_id=0, eos_token_id=0))
+    g = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, vocab_size=100, n_positions=32, bos_token_id=0, eos_token_id=0
+        )
+    )
     opt = _hf_step_and_check(g, 2, 4)
     kinds = {n: k for n, k, _ in opt.routing}
     assert kinds["transformer.h.0.attn.c_attn.weight"] == "cm" and kinds["transformer.h.0.mlp.c_fc.weight"] == "muon"
@@ -70,9 +94,18 @@ def test_hf_gpt2_conv1d_views():
     Wl, Gl = W.detach().T.clone(), Gr.T.clone()
     o.step()
     D = 64
-    cm_qk(Wl[:D], Wl[D:2 * D], Gl[:D], Gl[D:2 * D], torch.zeros(D, D, dtype=W.dtype), torch.zeros(D, D, dtype=W.dtype),
-          head_dim=16, eta=0.02, **EXACT)
-    torch.testing.assert_close(W.T[:2 * D], Wl[:2 * D])
+    cm_qk(
+        Wl[:D],
+        Wl[D : 2 * D],
+        Gl[:D],
+        Gl[D : 2 * D],
+        torch.zeros(D, D, dtype=W.dtype),
+        torch.zeros(D, D, dtype=W.dtype),
+        head_dim=16,
+        eta=0.02,
+        **EXACT,
+    )
+    torch.testing.assert_close(W.T[: 2 * D], Wl[: 2 * D])
 
 
 def test_vit_style_fused_qkv_with_bias():
@@ -88,8 +121,16 @@ def test_vit_style_fused_qkv_with_bias():
     assert len(specs) == 1 and specs[0].num_heads == 3 and specs[0].head_dim == 16
     opt = CompositionalMuon.from_model(m, adamw_patterns=("2.*",))
     kinds = {n: k for n, k, _ in opt.routing}
-    assert kinds == {"0.weight": "muon", "0.bias": "adamw", "1.qkv.weight": "cm", "1.qkv.bias": "adamw",
-                     "1.proj.weight": "cm", "1.proj.bias": "adamw", "2.weight": "adamw", "2.bias": "adamw"}
+    assert kinds == {
+        "0.weight": "muon",
+        "0.bias": "adamw",
+        "1.qkv.weight": "cm",
+        "1.qkv.bias": "adamw",
+        "1.proj.weight": "cm",
+        "1.proj.bias": "adamw",
+        "2.weight": "adamw",
+        "2.bias": "adamw",
+    }
 
 
 def test_timm_vit_if_installed():

@@ -1,4 +1,5 @@
 """Inverse Gram roots against a float64 eigendecomposition reference."""
+
 import pytest
 import torch
 
@@ -52,7 +53,9 @@ def test_rank_deficient_and_zero_gram_with_ridge():
     for method in ("eigh", "newton"):
         torch.testing.assert_close(inverse_sqrt(G, lam, method), reference(G, lam), rtol=0, atol=1e-8)
         Z = torch.zeros(3, d, d, dtype=torch.float64)
-        torch.testing.assert_close(inverse_sqrt(Z, lam, method), torch.eye(d, dtype=torch.float64).expand(3, d, d) / lam**0.5)
+        torch.testing.assert_close(
+            inverse_sqrt(Z, lam, method), torch.eye(d, dtype=torch.float64).expand(3, d, d) / lam**0.5
+        )
 
 
 def test_auto_uses_exact_path_on_cpu():

@@ -1,5 +1,6 @@
 """The example models: shapes, init loss, training, causality, GQA, init options, RoPE, generation,
 configs, and the attention layout the optimizer relies on."""
+
 import math
 
 import pytest
@@ -7,9 +8,18 @@ import torch
 from torch import nn
 
 from compositional_muon import CompositionalMuon, find_attention
-from compositional_muon.models import (GPT, MODELS, CausalSelfAttention, GPTConfig, LoopFormer, LoopFormerConfig,
-                                       MoR, MoRConfig, build_model)
-from compositional_muon.models.layers import apply_rope
+from compositional_muon.training.models import (
+    GPT,
+    MODELS,
+    CausalSelfAttention,
+    GPTConfig,
+    LoopFormer,
+    LoopFormerConfig,
+    MoR,
+    MoRConfig,
+    build_model,
+)
+from compositional_muon.training.models.layers import apply_rope
 
 NAMES = ["gpt", "loopformer", "mor"]
 TINY = dict(n_embd=32, n_head=4, n_layer=2, block_size=32)
@@ -240,25 +250,28 @@ def test_build_model_errors_and_defaults():
     assert set(MODELS) == set(NAMES)
 
 
-@pytest.mark.parametrize("cfg_cls,kw,field", [
-    (GPTConfig, dict(n_embd=30, n_head=4), "n_embd"),
-    (GPTConfig, dict(n_head=4, n_kv_head=3), "n_kv_head"),
-    (GPTConfig, dict(n_layer=0), "n_layer"),
-    (GPTConfig, dict(n_embd=-8), "n_embd"),
-    (GPTConfig, dict(vocab_size=2.5), "vocab_size"),
-    (GPTConfig, dict(mlp_act="swish"), "mlp_act"),
-    (GPTConfig, dict(mlp_ratio=0), "mlp_ratio"),
-    (GPTConfig, dict(rope="yes"), "rope"),
-    (GPTConfig, dict(n_embd=12, n_head=4), "head_dim"),
-    (LoopFormerConfig, dict(n_loops=0), "n_loops"),
-    (LoopFormerConfig, dict(short_trajectory="long"), "short_trajectory"),
-    (LoopFormerConfig, dict(short_weight=-1.0), "short_weight"),
-    (MoRConfig, dict(sharing="sequence"), "sharing"),
-    (MoRConfig, dict(n_recursions=2, capacities=(0.5, 1.0)), "non-increasing"),
-    (MoRConfig, dict(n_recursions=2, capacities=(1.0,)), "capacities"),
-    (MoRConfig, dict(router_alpha=0), "router_alpha"),
-    (MoRConfig, dict(eval_routing="causal"), "eval_routing"),
-])
+@pytest.mark.parametrize(
+    "cfg_cls,kw,field",
+    [
+        (GPTConfig, dict(n_embd=30, n_head=4), "n_embd"),
+        (GPTConfig, dict(n_head=4, n_kv_head=3), "n_kv_head"),
+        (GPTConfig, dict(n_layer=0), "n_layer"),
+        (GPTConfig, dict(n_embd=-8), "n_embd"),
+        (GPTConfig, dict(vocab_size=2.5), "vocab_size"),
+        (GPTConfig, dict(mlp_act="swish"), "mlp_act"),
+        (GPTConfig, dict(mlp_ratio=0), "mlp_ratio"),
+        (GPTConfig, dict(rope="yes"), "rope"),
+        (GPTConfig, dict(n_embd=12, n_head=4), "head_dim"),
+        (LoopFormerConfig, dict(n_loops=0), "n_loops"),
+        (LoopFormerConfig, dict(short_trajectory="long"), "short_trajectory"),
+        (LoopFormerConfig, dict(short_weight=-1.0), "short_weight"),
+        (MoRConfig, dict(sharing="sequence"), "sharing"),
+        (MoRConfig, dict(n_recursions=2, capacities=(0.5, 1.0)), "non-increasing"),
+        (MoRConfig, dict(n_recursions=2, capacities=(1.0,)), "capacities"),
+        (MoRConfig, dict(router_alpha=0), "router_alpha"),
+        (MoRConfig, dict(eval_routing="causal"), "eval_routing"),
+    ],
+)
 def test_config_validation(cfg_cls, kw, field):
     with pytest.raises(ValueError, match=field):
         cfg_cls(**kw)

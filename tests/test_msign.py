@@ -1,4 +1,5 @@
 """msign backends: exact SVD reference, iterative bands, batching, edge cases, bad input."""
+
 import pytest
 import torch
 
@@ -124,8 +125,12 @@ def test_output_dtype_and_input_unchanged():
 def test_scale_invariance():
     x = conditioned((16, 40), kappa=5, seed=6)
     torch.testing.assert_close(msign(x, "svd"), msign(1e-6 * x, "svd"))
-    torch.testing.assert_close(msign(x, "polar_express", dtype=torch.float64),
-                               msign(1e4 * x, "polar_express", dtype=torch.float64), rtol=0, atol=1e-9)
+    torch.testing.assert_close(
+        msign(x, "polar_express", dtype=torch.float64),
+        msign(1e4 * x, "polar_express", dtype=torch.float64),
+        rtol=0,
+        atol=1e-9,
+    )
 
 
 def test_bad_input():

@@ -5,6 +5,7 @@ the safety checks (non-finite, sparse and complex gradients, bad hyperparameters
 The transcriptions below use plain torch ops and an exact SVD polar factor; they do not call the
 library's functional pieces (``muon_momentum``, ``shape_scale``, ``msign``).
 """
+
 import copy
 import io
 import math
@@ -89,6 +90,7 @@ SHAPES = [(24, 10), (10, 24), (16, 16)]  # tall, wide, square
 # 1. The update rule
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("nesterov", [True, False])
 def test_matches_float64_transcription(shape, nesterov):
@@ -129,6 +131,7 @@ def test_matches_torch_optim_muon(shape, rule, nesterov):
 # ------------------------------------------------------------------------------------------------
 # 2. adjust_lr_fn
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", SHAPES + [(40, 5), (5, 40)])
 def test_adjust_lr_original(shape):
@@ -172,6 +175,7 @@ def test_adjust_lr_none_is_original():
 # 3. Conv weights
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shape", [(64, 16, 1, 1), (32, 8, 3, 3), (8, 4, 3, 3)])
 @pytest.mark.parametrize("rule", ["original", "match_rms_adamw"])
 def test_conv_weights_flattened(shape, rule):
@@ -212,6 +216,7 @@ def test_conv_module_channels_last():
 # ------------------------------------------------------------------------------------------------
 # 4. dtypes: float32 params with bfloat16 internals, bfloat16 params
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("msign_dtype", [None, torch.bfloat16])  # None: the default working precision
 @pytest.mark.parametrize("backend", ["newton_schulz", "polar_express", "svd"])
@@ -358,10 +363,13 @@ def test_aux_adam_rejects_vectors_in_muon_group():
         Muon([w, b])  # plain Muon defaults to use_muon=True
 
 
-@pytest.mark.parametrize("adam_kw, torch_kw", [
-    (dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1), dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)),
-    (dict(), dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)),  # the aux-Adam defaults
-])
+@pytest.mark.parametrize(
+    "adam_kw, torch_kw",
+    [
+        (dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1), dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1)),
+        (dict(), dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.0)),  # the aux-Adam defaults
+    ],
+)
 def test_aux_adam_matches_torch_adamw(adam_kw, torch_kw):
     shapes = [(5, 3), (7,), (), (2, 3, 4)]
     init = [rnd(*s, seed=30 + i) for i, s in enumerate(shapes)]
@@ -403,6 +411,7 @@ def test_muon_use_muon_false_group_is_adamw():
 # 6. torch.optim conventions
 # ------------------------------------------------------------------------------------------------
 
+
 class MLP(nn.Module):
     def __init__(self, d_in=6, d=16, d_out=3):
         super().__init__()
@@ -426,10 +435,18 @@ def make_opt(model, kind):
     mats = [p for p in model.parameters() if p.ndim >= 2]
     vecs = [p for p in model.parameters() if p.ndim < 2]
     if kind == "aux":
-        return MuonWithAuxAdam([dict(params=mats, lr=0.02, weight_decay=0.01, use_muon=True),
-                                dict(params=vecs, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, use_muon=False)])
-    return Muon([dict(params=mats), dict(params=vecs, use_muon=False, lr=3e-3)], lr=0.02, weight_decay=0.01,
-                adjust_lr_fn="match_rms_adamw")
+        return MuonWithAuxAdam(
+            [
+                dict(params=mats, lr=0.02, weight_decay=0.01, use_muon=True),
+                dict(params=vecs, lr=3e-3, betas=(0.9, 0.95), weight_decay=0.01, use_muon=False),
+            ]
+        )
+    return Muon(
+        [dict(params=mats), dict(params=vecs, use_muon=False, lr=3e-3)],
+        lr=0.02,
+        weight_decay=0.01,
+        adjust_lr_fn="match_rms_adamw",
+    )
 
 
 def train(model, opt, seeds):
@@ -528,16 +545,16 @@ def test_lambda_lr_scales_the_update():
     shape = (12, 6)
     p, b = nn.Parameter(rnd(*shape, seed=1)), nn.Parameter(rnd(6, seed=2))
     opt = Muon([dict(params=[p]), dict(params=[b], use_muon=False, lr=1e-2)], lr=0.1, backend="svd")
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5 ** e)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda e: 0.5**e)
     s = math.sqrt(2.0)  # original rule, 12 x 6
     for t in range(4):
-        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5 ** t)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**t)
         before = p.detach().clone()
         p.grad, b.grad = rnd(*shape, seed=10 + t), rnd(6, seed=20 + t)
         opt.step()
         sched.step()
-        assert _update_rms(p, before) == pytest.approx(0.1 * 0.5 ** t * s / math.sqrt(12), rel=1e-10)
-    assert opt.param_groups[1]["lr"] == pytest.approx(1e-2 * 0.5 ** 4)
+        assert _update_rms(p, before) == pytest.approx(0.1 * 0.5**t * s / math.sqrt(12), rel=1e-10)
+    assert opt.param_groups[1]["lr"] == pytest.approx(1e-2 * 0.5**4)
 
 
 @pytest.mark.parametrize("kind", ["muon", "aux"])
@@ -545,11 +562,15 @@ def test_one_cycle_lr_scales_the_update(kind):
     shape = (12, 6)
     p, b = nn.Parameter(rnd(*shape, seed=1)), nn.Parameter(rnd(6, seed=2))
     groups = [dict(params=[p], use_muon=True), dict(params=[b], use_muon=False, lr=1e-2)]
-    opt = Muon(groups, lr=0.1, backend="svd") if kind == "muon" else MuonWithAuxAdam(
-        [dict(g, **({"backend": "svd"} if g["use_muon"] else {})) for g in groups])
+    opt = (
+        Muon(groups, lr=0.1, backend="svd")
+        if kind == "muon"
+        else MuonWithAuxAdam([dict(g, **({"backend": "svd"} if g["use_muon"] else {})) for g in groups])
+    )
     total = 10
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[0.1, 1e-2], total_steps=total, pct_start=0.3,
-                                                anneal_strategy="cos")
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=[0.1, 1e-2], total_steps=total, pct_start=0.3, anneal_strategy="cos"
+    )
     s = math.sqrt(2.0)
     lrs, momenta = [], []
     for t in range(total):
@@ -578,8 +599,12 @@ def test_params_without_grads_are_skipped():
     b, b_nograd = nn.Parameter(rnd(4, seed=3)), nn.Parameter(rnd(4, seed=4))
     frozen = nn.Parameter(rnd(5, 5, seed=5), requires_grad=False)
     before = [x.detach().clone() for x in (w, w_nograd, b, b_nograd, frozen)]
-    opt = MuonWithAuxAdam([dict(params=[w, w_nograd, frozen], use_muon=True, weight_decay=0.1),
-                           dict(params=[b, b_nograd], use_muon=False, weight_decay=0.1)])
+    opt = MuonWithAuxAdam(
+        [
+            dict(params=[w, w_nograd, frozen], use_muon=True, weight_decay=0.1),
+            dict(params=[b, b_nograd], use_muon=False, weight_decay=0.1),
+        ]
+    )
     for t in range(2):
         w.grad, b.grad = rnd(6, 4, seed=10 + t), rnd(4, seed=20 + t)
         opt.step()
@@ -621,6 +646,7 @@ def test_add_param_group_both_kinds():
 # ------------------------------------------------------------------------------------------------
 # 7. Safety
 # ------------------------------------------------------------------------------------------------
+
 
 def _safety_setup(nonfinite):
     torch.manual_seed(3)
@@ -669,8 +695,7 @@ def test_nonfinite_skip_counts_and_writes_nothing():
 def test_sparse_gradient_raises_type_error(use_muon):
     emb = nn.Embedding(10, 4, sparse=True)
     w = nn.Parameter(torch.randn(4, 4))
-    opt = MuonWithAuxAdam([dict(params=[w], use_muon=True),
-                           dict(params=[emb.weight], use_muon=use_muon)])
+    opt = MuonWithAuxAdam([dict(params=[w], use_muon=True), dict(params=[emb.weight], use_muon=use_muon)])
     w.grad = torch.randn(4, 4)
     emb(torch.tensor([1, 2, 3])).sum().backward()
     assert emb.weight.grad.is_sparse
@@ -690,13 +715,28 @@ def test_complex_param_raises_type_error(use_muon):
     assert len(opt.state[z]) == 0
 
 
-@pytest.mark.parametrize("kw", [
-    dict(lr=-0.01), dict(momentum=1.0), dict(momentum=1.5), dict(momentum=-0.1), dict(backend="qr"),
-    dict(adjust_lr_fn="spectral"), dict(ns_steps=0), dict(weight_decay=-0.1), dict(nonfinite="ignore"),
-    # NaN slipped through `x < 0` checks; a fractional ns_steps was silently truncated
-    dict(lr=float("nan")), dict(weight_decay=float("nan")), dict(momentum=float("nan")), dict(ns_steps=2.5),
-    dict(ns_steps=float("inf")), dict(ns_steps=float("nan")), dict(ns_steps="5"),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lr=-0.01),
+        dict(momentum=1.0),
+        dict(momentum=1.5),
+        dict(momentum=-0.1),
+        dict(backend="qr"),
+        dict(adjust_lr_fn="spectral"),
+        dict(ns_steps=0),
+        dict(weight_decay=-0.1),
+        dict(nonfinite="ignore"),
+        # NaN slipped through `x < 0` checks; a fractional ns_steps was silently truncated
+        dict(lr=float("nan")),
+        dict(weight_decay=float("nan")),
+        dict(momentum=float("nan")),
+        dict(ns_steps=2.5),
+        dict(ns_steps=float("inf")),
+        dict(ns_steps=float("nan")),
+        dict(ns_steps="5"),
+    ],
+)
 def test_bad_hyperparameters_raise_at_construction(kw):
     with pytest.raises(ValueError):
         Muon([nn.Parameter(rnd(4, 4))], **kw)
@@ -712,8 +752,18 @@ def test_integral_ns_steps_accepted():
         assert Muon([nn.Parameter(rnd(4, 4))], ns_steps=k).param_groups[0]["ns_steps"] == 3
 
 
-@pytest.mark.parametrize("kw", [dict(lr=-1.0), dict(betas=(1.0, 0.9)), dict(betas=(0.9, 1.2)), dict(weight_decay=-1),
-                                dict(eps=-1e-8), dict(lr=float("nan")), dict(eps=float("nan"))])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(lr=-1.0),
+        dict(betas=(1.0, 0.9)),
+        dict(betas=(0.9, 1.2)),
+        dict(weight_decay=-1),
+        dict(eps=-1e-8),
+        dict(lr=float("nan")),
+        dict(eps=float("nan")),
+    ],
+)
 def test_bad_adam_hyperparameters_raise(kw):
     with pytest.raises(ValueError):
         MuonWithAuxAdam([dict(params=[nn.Parameter(rnd(4))], use_muon=False, **kw)])
@@ -736,13 +786,17 @@ def test_empty_weights_step(shape, backend, rule):
 # 8. Same-shape batching
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend, msign_dtype, dtype, tol", [
-    ("svd", None, F64, 1e-12),
-    ("newton_schulz", torch.float32, torch.float32, 1e-5),
-    ("polar_express", torch.float64, F64, 1e-12),
-    ("newton_schulz", torch.bfloat16, torch.float32, 2e-2),  # batched bf16 kernels round differently
-    ("polar_express", None, torch.float32, 2e-2),  # the default working precision
-])
+
+@pytest.mark.parametrize(
+    "backend, msign_dtype, dtype, tol",
+    [
+        ("svd", None, F64, 1e-12),
+        ("newton_schulz", torch.float32, torch.float32, 1e-5),
+        ("polar_express", torch.float64, F64, 1e-12),
+        ("newton_schulz", torch.bfloat16, torch.float32, 2e-2),  # batched bf16 kernels round differently
+        ("polar_express", None, torch.float32, 2e-2),  # the default working precision
+    ],
+)
 def test_batched_same_shape_equals_separate(backend, msign_dtype, dtype, tol):
     shapes = [(12, 8), (12, 8), (8, 12), (12, 8), (8, 12), (4, 2, 3, 3), (4, 2, 3, 3), (4, 18)]
     init = [rnd(*s, seed=60 + i, dtype=dtype) for i, s in enumerate(shapes)]
@@ -767,6 +821,7 @@ def test_batched_same_shape_equals_separate(backend, msign_dtype, dtype, tol):
 # 9. Training
 # ------------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["muon", "aux"])
 def test_mlp_regression_loss_decreases(kind):
     torch.manual_seed(0)
@@ -780,8 +835,7 @@ def test_mlp_regression_loss_decreases(kind):
     if kind == "muon":
         opt = Muon([dict(params=mats), dict(params=vecs, use_muon=False, lr=3e-3)], lr=0.02)
     else:
-        opt = MuonWithAuxAdam([dict(params=mats, lr=0.02, use_muon=True),
-                               dict(params=vecs, lr=3e-3, use_muon=False)])
+        opt = MuonWithAuxAdam([dict(params=mats, lr=0.02, use_muon=True), dict(params=vecs, lr=3e-3, use_muon=False)])
     losses = []
     for _ in range(50):
         opt.zero_grad()

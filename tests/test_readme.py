@@ -1,4 +1,5 @@
 """Every ```python snippet in README.md runs as written."""
+
 import pathlib
 import re
 

@@ -1,4 +1,5 @@
 """The training CLI: exact resume, atomic checkpoints, Ctrl-C, bad input."""
+
 import json
 import os
 import signal
@@ -9,11 +10,31 @@ import time
 import pytest
 import torch
 
-from compositional_muon.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from compositional_muon.train import main, parse_args, run
+from compositional_muon.training.checkpoint import load_checkpoint, save_atomic
 
-TINY = ["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "4",
-        "--eval-interval", "4", "--eval-iters", "2", "--sample-tokens", "8", "--no-plot", "--quiet", "--warmup", "2"]
+TINY = [
+    "--n-layer",
+    "1",
+    "--n-embd",
+    "32",
+    "--n-head",
+    "2",
+    "--block-size",
+    "32",
+    "--batch-size",
+    "4",
+    "--eval-interval",
+    "4",
+    "--eval-iters",
+    "2",
+    "--sample-tokens",
+    "8",
+    "--no-plot",
+    "--quiet",
+    "--warmup",
+    "2",
+]
 
 
 def _metrics(out):
@@ -21,12 +42,15 @@ def _metrics(out):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("extra", [
-    ["--optimizer", "cm"],
-    ["--optimizer", "newton-muon", "--opt", "refresh_interval=3"],
-    ["--model", "loopformer", "--model-arg", "n_loops=3", "--optimizer", "cm-isotropic"],
-    ["--model", "mor", "--optimizer", "normuon"],
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--optimizer", "cm"],
+        ["--optimizer", "newton-muon", "--opt", "refresh_interval=3"],
+        ["--model", "loopformer", "--model-arg", "n_loops=3", "--optimizer", "cm-isotropic"],
+        ["--model", "mor", "--optimizer", "normuon"],
+    ],
+)
 def test_resume_reproduces_uninterrupted_run_bit_for_bit(tmp_path, extra):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     common = TINY + ["--steps", "10", "--ckpt-interval", "0"] + extra
@@ -110,9 +134,23 @@ def test_bad_inputs_give_clear_errors(tmp_path, capsys):
 def test_ctrl_c_saves_a_checkpoint(tmp_path):
     out = str(tmp_path / "int")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "compositional_muon.train", *TINY, "--steps", "100000",
-                             "--ckpt-interval", "0", "--out", out], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "compositional_muon.train",
+            *TINY,
+            "--steps",
+            "100000",
+            "--ckpt-interval",
+            "0",
+            "--out",
+            out,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     metrics = os.path.join(out, "metrics.jsonl")
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -133,18 +171,29 @@ def test_torchrun_fsdp2_split_and_resume_matches_single_process(tmp_path):
     single = str(tmp_path / "single")
     run(parse_args(common + ["--out", single]))
     out = str(tmp_path / "fsdp")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "compositional_muon.train", "--dist", "fsdp2"]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "compositional_muon.train",
+        "--dist",
+        "fsdp2",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     for extra in (["--stop-after", "3"], ["--resume", "auto"]):
-        r = subprocess.run(torchrun + common + ["--out", out] + extra, env=env, capture_output=True, text=True,
-                           timeout=240)
+        r = subprocess.run(
+            torchrun + common + ["--out", out] + extra, env=env, capture_output=True, text=True, timeout=240
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     assert os.path.isfile(os.path.join(out, "last_dcp", "train_state.pt"))
     # resuming with another layout (DDP instead of FSDP2) is refused with a clear error
     ddp = torchrun[:-1] + ["ddp"]
-    r = subprocess.run(ddp + common + ["--out", out, "--resume", "auto"], env=env, capture_output=True, text=True,
-                       timeout=240)
+    r = subprocess.run(
+        ddp + common + ["--out", out, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=240
+    )
     assert r.returncode != 0 and "written by --dist fsdp2 with 2 processes" in r.stderr, r.stderr[-2000:]
     # --dist without torchrun (one process) is refused up front
     with pytest.raises(ValueError, match="at least 2 processes"):

@@ -3,6 +3,7 @@
 The transcriptions below are written from the papers' equations (see docs/variants.md) with plain
 torch ops and an SVD polar factor; they do not call the library's functional pieces.
 """
+
 import copy
 import gc
 import math
@@ -47,6 +48,7 @@ SHAPES = [(12, 8), (8, 12)]
 # Transcriptions of the papers' algorithms (float64)
 # ------------------------------------------------------------------------------------------------
 
+
 def ref_normuon(W, grads, lr, beta, beta2, eps, wd, nesterov=False, scale="paper"):
     m, n = W.shape
     M, v, out = torch.zeros_like(W), torch.zeros(m, 1, dtype=F64), []
@@ -88,18 +90,22 @@ def ref_mano(W, grads, lr, mu, eps, wd, version=1, nesterov=False):
         D = G + mu * M if nesterov else M
         k = t % 2  # 0: every column to unit norm (norm over the rows), 1: every row
         if k == 0:
+
             def norm(X):
                 return X.pow(2).sum(0, keepdim=True).sqrt()
 
             def inner(X, Y):
                 return (X * Y).sum(0, keepdim=True)
+
             n_k = W.shape[0]
         else:
+
             def norm(X):
                 return X.pow(2).sum(1, keepdim=True).sqrt()
 
             def inner(X, Y):
                 return (X * Y).sum(1, keepdim=True)
+
             n_k = W.shape[1]
         if version == 1:
             theta_hat = W / torch.clamp(norm(W), min=eps)
@@ -116,6 +122,7 @@ def ref_mano(W, grads, lr, mu, eps, wd, version=1, nesterov=False):
 # ------------------------------------------------------------------------------------------------
 # One step (several) against the transcriptions
 # ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("scale,nesterov", [("paper", False), ("reference", True)])
@@ -139,8 +146,17 @@ def test_adamuon_matches_paper(shape, kw):
     p = nn.Parameter(W0.clone())
     opt = AdaMuon([p], lr=0.03, weight_decay=0.1, backend="svd", **kw)
     got = run_steps(opt, p, grads)
-    want = ref_adamuon(W0, grads, 0.03, 0.95, 1e-8, 0.1, nesterov=kw.get("nesterov", True),
-                       sign=kw.get("sign_stabilize", True), beta2=kw.get("beta2"))
+    want = ref_adamuon(
+        W0,
+        grads,
+        0.03,
+        0.95,
+        1e-8,
+        0.1,
+        nesterov=kw.get("nesterov", True),
+        sign=kw.get("sign_stabilize", True),
+        beta2=kw.get("beta2"),
+    )
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-12)
 
@@ -183,7 +199,7 @@ def ref_newton_muon(W, xs, ys, lr, k, beta_k, gamma, nblocks=1, beta=0.95, init=
             N = x.shape[0]
             invs = []
             for j in range(nblocks):
-                Z = x[:, j * b:(j + 1) * b].T  # inputs as columns
+                Z = x[:, j * b : (j + 1) * b].T  # inputs as columns
                 Ks[j] = beta_k * Ks[j] + (1 - beta_k) * Z @ Z.T / N
                 lam = gamma * torch.trace(Ks[j]) / b + eps
                 invs.append(torch.linalg.inv(Ks[j] + lam * torch.eye(b, dtype=F64)))
@@ -210,8 +226,9 @@ def test_newton_muon_matches_paper(nblocks):
     model = nn.Sequential(nn.Linear(n, m, bias=False, dtype=F64))
     with torch.no_grad():
         model[0].weight.copy_(W0)
-    opt = NewtonMuon.from_model(model, lr=0.03, refresh_interval=k, backend="svd",
-                                blocks={"0": nblocks} if nblocks > 1 else None)
+    opt = NewtonMuon.from_model(
+        model, lr=0.03, refresh_interval=k, backend="svd", blocks={"0": nblocks} if nblocks > 1 else None
+    )
     got = []
     for x, y in zip(xs, ys):
         opt.zero_grad()
@@ -227,6 +244,7 @@ def test_newton_muon_matches_paper(nblocks):
 # Shared behaviour: training, checkpoints, bad input
 # ------------------------------------------------------------------------------------------------
 
+
 def mlp(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4)).to(dtype)
@@ -235,8 +253,10 @@ def mlp(seed=0, dtype=torch.float32):
 def make_opt(name, model, **kw):
     if name == "NewtonMuon":
         return NewtonMuon.from_model(model, **kw)
-    groups = [dict(params=[model[0].weight, model[2].weight], use_muon=True),
-              dict(params=[model[0].bias, model[2].bias], use_muon=False, lr=1e-2)]
+    groups = [
+        dict(params=[model[0].weight, model[2].weight], use_muon=True),
+        dict(params=[model[0].bias, model[2].bias], use_muon=False, lr=1e-2),
+    ]
     return {"NorMuon": NorMuon, "AdaMuon": AdaMuon, "Mano": Mano}[name](groups, **kw)
 
 
@@ -321,6 +341,7 @@ def test_bad_inputs(name):
 # ------------------------------------------------------------------------------------------------
 # Newton-Muon: refresh schedule, hooks
 # ------------------------------------------------------------------------------------------------
+
 
 def test_newton_muon_refresh_schedule():
     k = 3

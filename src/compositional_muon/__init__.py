@@ -6,6 +6,7 @@ Optimizers: :class:`CompositionalMuon` (CM + Muon + AdamW for a whole model), :c
 :class:`MuonWithAuxAdam`, and the variants :class:`NorMuon`, :class:`AdaMuon`, :class:`Mano`,
 :class:`NewtonMuon`.
 """
+
 from .attention import AttentionSpec, HeadSlice, find_attention
 from .cm import CMConfig, NonFiniteError, cm_ov, cm_qk
 from .compositional import CompositionalMuon

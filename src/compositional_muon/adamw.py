@@ -1,4 +1,5 @@
 """AdamW for the parameters an orthogonalized optimizer leaves out (embeddings, heads, gains, biases)."""
+
 from __future__ import annotations
 
 import math

@@ -9,6 +9,7 @@ through views of the parameters (no copies of the weights are kept).
 :func:`find_attention` recognizes the common module layouts; :class:`AttentionSpec` is the explicit
 API for anything else.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -92,8 +93,10 @@ class AttentionSpec:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"attention {self.name!r}: `{f}` must be a positive int, got {v!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"attention {self.name!r}: num_heads={self.num_heads} is not a multiple of "
-                             f"num_kv_heads={self.num_kv_heads}")
+            raise ValueError(
+                f"attention {self.name!r}: num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
         if (self.q is None) != (self.k is None) or (self.v is None) != (self.o is None):
             raise ValueError(f"attention {self.name!r}: give q and k together, and v and o together")
         if self.q is None and self.v is None:
@@ -117,20 +120,33 @@ class AttentionSpec:
         wo = _weight(o_proj) if o_proj is not None else None
         d, H = _resolve_heads(name, wq.shape[0], head_dim, num_heads)
         if wk.shape[0] % d:
-            raise ValueError(f"attention {name!r}: k weight has {wk.shape[0]} out-features, not a multiple of head_dim={d}")
+            raise ValueError(
+                f"attention {name!r}: k weight has {wk.shape[0]} out-features, not a multiple of head_dim={d}"
+            )
         hkv = wk.shape[0] // d
         if num_kv_heads is not None and num_kv_heads != hkv:
             raise ValueError(f"attention {name!r}: num_kv_heads={num_kv_heads} but the k weight has {hkv} heads of {d}")
         if wv is not None and wv.shape != wk.shape:
             raise ValueError(f"attention {name!r}: v weight {tuple(wv.shape)} and k weight {tuple(wk.shape)} differ")
         if wo is not None and wo.shape[1] != wq.shape[0]:
-            raise ValueError(f"attention {name!r}: o weight has {wo.shape[1]} in-features but q has {wq.shape[0]} out-features")
-        return cls(name, d, H, hkv, HeadSlice(wq, 0), HeadSlice(wk, 0),
-                   HeadSlice(wv, 0) if wv is not None else None, HeadSlice(wo, 1) if wo is not None else None)
+            raise ValueError(
+                f"attention {name!r}: o weight has {wo.shape[1]} in-features but q has {wq.shape[0]} out-features"
+            )
+        return cls(
+            name,
+            d,
+            H,
+            hkv,
+            HeadSlice(wq, 0),
+            HeadSlice(wk, 0),
+            HeadSlice(wv, 0) if wv is not None else None,
+            HeadSlice(wo, 1) if wo is not None else None,
+        )
 
     @classmethod
-    def fused(cls, name, qkv, o, *, head_dim=None, num_heads=None, num_kv_heads=None, transposed=False,
-              interleaved=False):
+    def fused(
+        cls, name, qkv, o, *, head_dim=None, num_heads=None, num_kv_heads=None, transposed=False, interleaved=False
+    ):
         """From a fused qkv weight (rows ``[q; k; v]`` in nn.Linear layout, ``(H + 2 Hkv) d x D``) and
         the output weight. ``transposed=True`` for GPT-2's Conv1D (weights stored ``in x out``);
         ``interleaved=True`` for per-head ``[q_h; k_h; v_h]`` row blocks (GPT-NeoX; needs Hkv = H)."""
@@ -151,8 +167,10 @@ class AttentionSpec:
             if num_kv_heads is None:
                 if head_dim is not None and num_heads is not None:
                     if (rows - num_heads * head_dim) % (2 * head_dim):
-                        raise ValueError(f"attention {name!r}: fused qkv with {rows} rows does not fit "
-                                         f"num_heads={num_heads} of head_dim={head_dim}")
+                        raise ValueError(
+                            f"attention {name!r}: fused qkv with {rows} rows does not fit "
+                            f"num_heads={num_heads} of head_dim={head_dim}"
+                        )
                     num_kv_heads = (rows - num_heads * head_dim) // (2 * head_dim)
                 else:
                     if rows % 3:
@@ -162,14 +180,18 @@ class AttentionSpec:
             d = head_dim if head_dim is not None else None
             if d is None:
                 if rows % (num_heads + 2 * num_kv_heads):
-                    raise ValueError(f"attention {name!r}: fused qkv with {rows} rows does not fit {num_heads} q "
-                                     f"and {num_kv_heads} k/v heads")
+                    raise ValueError(
+                        f"attention {name!r}: fused qkv with {rows} rows does not fit {num_heads} q "
+                        f"and {num_kv_heads} k/v heads"
+                    )
                 d = rows // (num_heads + 2 * num_kv_heads)
             H = num_heads if num_heads is not None else (rows - 2 * num_kv_heads * d) // d
             hkv = num_kv_heads
             if (H + 2 * hkv) * d != rows:
-                raise ValueError(f"attention {name!r}: fused qkv has {rows} rows but {H} q + 2x{hkv} k/v heads "
-                                 f"of head_dim={d} need {(H + 2 * hkv) * d}")
+                raise ValueError(
+                    f"attention {name!r}: fused qkv has {rows} rows but {H} q + 2x{hkv} k/v heads "
+                    f"of head_dim={d} need {(H + 2 * hkv) * d}"
+                )
             sl = [HeadSlice(wqkv, ax_in, 0), HeadSlice(wqkv, ax_in, H * d), HeadSlice(wqkv, ax_in, (H + hkv) * d)]
         return cls(name, d, H, hkv, sl[0], sl[1], sl[2], HeadSlice(wo, ax_o) if wo is not None else None)
 
@@ -200,10 +222,14 @@ def _resolve_heads(name, q_rows, head_dim, num_heads):
             raise ValueError(f"attention {name!r}: {q_rows} query rows are not divisible by num_heads={num_heads}")
         head_dim = q_rows // num_heads
     if q_rows % head_dim:
-        raise ValueError(f"attention {name!r}: q weight has {q_rows} out-features, not a multiple of head_dim={head_dim}")
+        raise ValueError(
+            f"attention {name!r}: q weight has {q_rows} out-features, not a multiple of head_dim={head_dim}"
+        )
     H = q_rows // head_dim
     if num_heads is not None and num_heads != H:
-        raise ValueError(f"attention {name!r}: num_heads={num_heads} but {q_rows} query rows / head_dim={head_dim} = {H}")
+        raise ValueError(
+            f"attention {name!r}: num_heads={num_heads} but {q_rows} query rows / head_dim={head_dim} = {H}"
+        )
     return head_dim, H
 
 
@@ -216,8 +242,12 @@ _NUM_HEADS = ("num_heads", "n_head", "n_heads", "num_attention_heads")
 _NUM_KV = ("num_kv_heads", "num_key_value_heads", "n_kv_head", "n_kv_heads")
 _O_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "proj", "wo")
 _SEPARATE = (("q_proj", "k_proj", "v_proj"), ("wq", "wk", "wv"), ("query", "key", "value"))
-_FUSED = (("c_attn", ("c_proj",)), ("qkv", ("proj", "o_proj", "out_proj")), ("Wqkv", ("out_proj", "Wo")),
-          ("qkv_proj", ("o_proj", "out_proj")))
+_FUSED = (
+    ("c_attn", ("c_proj",)),
+    ("qkv", ("proj", "o_proj", "out_proj")),
+    ("Wqkv", ("out_proj", "Wo")),
+    ("qkv_proj", ("o_proj", "out_proj")),
+)
 
 
 def _attr(module, names):
@@ -261,10 +291,20 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
             if all(isinstance(x, nn.Linear) for x in (q, k, v)):
                 o = next((getattr(m, n) for n in _O_NAMES if isinstance(getattr(m, n, None), nn.Linear)), None)
                 if d is None and H is None:
-                    raise ValueError(f"attention {name!r}: found {qn}/{kn}/{vn} but no head_dim or num_heads "
-                                     "attribute; pass head_dim= or num_heads= (or use AttentionSpec)")
-                spec = AttentionSpec.separate(name, q, k, v if o is not None else None, o, head_dim=d,
-                                              num_heads=None if d else H, num_kv_heads=hkv)
+                    raise ValueError(
+                        f"attention {name!r}: found {qn}/{kn}/{vn} but no head_dim or num_heads "
+                        "attribute; pass head_dim= or num_heads= (or use AttentionSpec)"
+                    )
+                spec = AttentionSpec.separate(
+                    name,
+                    q,
+                    k,
+                    v if o is not None else None,
+                    o,
+                    head_dim=d,
+                    num_heads=None if d else H,
+                    num_kv_heads=hkv,
+                )
                 break
         if spec is None:
             for fn, onames in _FUSED:
@@ -273,10 +313,13 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                     continue
                 o = next((getattr(m, n) for n in onames if _linear_like(getattr(m, n, None))), None)
                 if d is None and H is None:
-                    raise ValueError(f"attention {name!r}: found fused {fn} but no head_dim or num_heads attribute; "
-                                     "pass head_dim= or num_heads= (or use AttentionSpec)")
-                spec = AttentionSpec.fused(name, f, o, head_dim=d, num_heads=H, num_kv_heads=hkv,
-                                           transposed=_is_conv1d(f))
+                    raise ValueError(
+                        f"attention {name!r}: found fused {fn} but no head_dim or num_heads attribute; "
+                        "pass head_dim= or num_heads= (or use AttentionSpec)"
+                    )
+                spec = AttentionSpec.fused(
+                    name, f, o, head_dim=d, num_heads=H, num_kv_heads=hkv, transposed=_is_conv1d(f)
+                )
                 break
         if spec is None:
             continue
@@ -292,8 +335,21 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
 # Routing every parameter to CM, Muon or AdamW
 # ------------------------------------------------------------------------------------------------
 
-DEFAULT_ADAMW_PATTERNS = ("*embed*", "*lm_head*", "head.*", "*.head.*", "*classifier*", "*score.*", "*wte*",
-                          "*wpe*", "*pos_emb*", "*cls_token*", "*patch_embed*", "*output_layer*", "*router*")
+DEFAULT_ADAMW_PATTERNS = (
+    "*embed*",
+    "*lm_head*",
+    "head.*",
+    "*.head.*",
+    "*classifier*",
+    "*score.*",
+    "*wte*",
+    "*wpe*",
+    "*pos_emb*",
+    "*cls_token*",
+    "*patch_embed*",
+    "*output_layer*",
+    "*router*",
+)
 
 
 def route_parameters(model: nn.Module, specs, adamw_patterns=DEFAULT_ADAMW_PATTERNS, muon_patterns=()):
@@ -319,8 +375,11 @@ def route_parameters(model: nn.Module, specs, adamw_patterns=DEFAULT_ADAMW_PATTE
             cm.append((name, p))
         elif any(fnmatch.fnmatchcase(n, pat) for n in names for pat in muon_patterns) and p.ndim >= 2:
             muon.append((name, p))
-        elif (p.ndim < 2 or any(isinstance(mod, nn.Embedding) for _, mod in owners.get(id(p), []))
-              or any(fnmatch.fnmatchcase(n, pat) for n in names for pat in adamw_patterns)):
+        elif (
+            p.ndim < 2
+            or any(isinstance(mod, nn.Embedding) for _, mod in owners.get(id(p), []))
+            or any(fnmatch.fnmatchcase(n, pat) for n in names for pat in adamw_patterns)
+        ):
             adamw.append((name, p))
         else:
             muon.append((name, p))
@@ -343,8 +402,10 @@ def _check_coverage(specs) -> set:
             counts[id(p)][2].append(f"{spec.name}.{f}")
     for p, c, users in counts.values():
         if (c == 0).any():
-            raise ValueError(f"parameter of shape {tuple(p.shape)} used by {users} is only partly covered by the "
-                             "attention heads; CM would leave the rest untouched. Check the head counts")
+            raise ValueError(
+                f"parameter of shape {tuple(p.shape)} used by {users} is only partly covered by the "
+                "attention heads; CM would leave the rest untouched. Check the head counts"
+            )
         if (c > 1).any():
             raise ValueError(f"parameter of shape {tuple(p.shape)} is covered twice by {users}")
     return set(counts)

@@ -13,6 +13,7 @@ a partner-aware rescaling of the finished updates (no whitening, no QK treatment
 ``lam = 1e-3`` as in the record. Compare with CM's ``isotropic=True``: CM's scalars divide the step
 per head without restoring the leg norm, and CM also treats QK and whitens with full Grams.
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,18 +40,48 @@ class CircuitMuon(Muon):
                 raise ValueError(f"OV pair {pair['name']!r}: its weights must be in a use_muon=True group")
 
     @classmethod
-    def from_model(cls, model: nn.Module, *, lr: float = 0.02, adamw_lr: float = 3e-4, weight_decay: float = 0.0,
-                   adamw_weight_decay: float = 0.0, adamw_betas=(0.9, 0.95), lam: float = 1e-3,
-                   momentum: float = 0.95, attention=None, adamw_patterns=DEFAULT_ADAMW_PATTERNS, **muon_kwargs):
+    def from_model(
+        cls,
+        model: nn.Module,
+        *,
+        lr: float = 0.02,
+        adamw_lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        adamw_weight_decay: float = 0.0,
+        adamw_betas=(0.9, 0.95),
+        lam: float = 1e-3,
+        momentum: float = 0.95,
+        attention=None,
+        adamw_patterns=DEFAULT_ADAMW_PATTERNS,
+        **muon_kwargs,
+    ):
         specs = list(attention) if attention is not None else find_attention(model)
         cm, muon, adamw = route_parameters(model, specs, adamw_patterns)
-        groups = [dict(params=[p for _, p in cm + muon], lr=lr, weight_decay=weight_decay, momentum=momentum,
-                       use_muon=True, **muon_kwargs)]
+        groups = [
+            dict(
+                params=[p for _, p in cm + muon],
+                lr=lr,
+                weight_decay=weight_decay,
+                momentum=momentum,
+                use_muon=True,
+                **muon_kwargs,
+            )
+        ]
         if adamw:
-            groups.append(dict(params=[p for _, p in adamw], lr=adamw_lr, betas=adamw_betas,
-                               weight_decay=adamw_weight_decay, use_muon=False))
-        pairs = [dict(name=s.name, v=s.v, o=s.o, H=s.num_heads, Hkv=s.num_kv_heads, d=s.head_dim)
-                 for s in specs if s.v is not None]
+            groups.append(
+                dict(
+                    params=[p for _, p in adamw],
+                    lr=adamw_lr,
+                    betas=adamw_betas,
+                    weight_decay=adamw_weight_decay,
+                    use_muon=False,
+                )
+            )
+        pairs = [
+            dict(name=s.name, v=s.v, o=s.o, H=s.num_heads, Hkv=s.num_kv_heads, d=s.head_dim)
+            for s in specs
+            if s.v is not None
+        ]
         return cls(groups, pairs, lam=lam)
 
     @torch.no_grad()
@@ -59,7 +90,9 @@ class CircuitMuon(Muon):
         zs = self._orthogonalize(group, self._directions(group, params))
         deltas = {}
         for p, z in zip(params, zs):
-            deltas[id(p)] = (-lr * shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])) * z.reshape(p.shape).to(p.dtype)
+            deltas[id(p)] = (-lr * shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])) * z.reshape(p.shape).to(
+                p.dtype
+            )
         for pair in self.ov_pairs:
             pv, po = pair["v"].param, pair["o"].param
             if id(pv) in deltas and id(po) in deltas:
@@ -96,4 +129,3 @@ class CircuitMuon(Muon):
         dO = dO + (x.view(hkv, 1, 1, 1) * O.view(hkv, G, d, -1)).view(H, d, -1)
         dv_view.copy_(dV)
         do_view.copy_(dO)
-

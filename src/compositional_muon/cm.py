@@ -15,6 +15,7 @@ the half-split rule is ``dA_h = -(eta/2) C_B^{-1} msign(C_B^{-1} U_A,h)`` and
 ``dB_g = -(eta/2) C_A^{-1} msign(C_A^{-1} U_B,g)`` (``U`` the momentum), which bounds every
 ``||dA_h^T B_g||_op`` and ``||A_h^T dB_g||_op`` by ``eta/2``. See ``docs/math.md``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,13 @@ from typing import NamedTuple
 import torch
 
 from .connection import CONNECTIONS, horizontal_projection
-from .inverse_root import (NEWTON_ITERS, ROOT_METHODS, gram_eigh, inverse_cholesky_factor, inverse_sqrt,
-                           inverse_sqrt_newton)
+from .inverse_root import (
+    NEWTON_ITERS,
+    ROOT_METHODS,
+    gram_eigh,
+    inverse_cholesky_factor,
+    inverse_sqrt_newton,
+)
 from .msign import BACKENDS, default_msign_dtype, msign
 
 __all__ = [
@@ -148,8 +154,7 @@ def _partner_roots(A: torch.Tensor, B: torch.Tensor, cfg: CMConfig, need_eigh: b
         return _Roots(r_b, r_a, r_b, r_a, gram_eigh(Ga), gram_eigh(Gb), (Ga, Gb))
     method = cfg.root_method
     if method == "auto":
-        if (A.device.type == "cpu" and not need_eigh and cfg.method == "half_split"
-                and cfg.whitening == "both"):
+        if A.device.type == "cpu" and not need_eigh and cfg.method == "half_split" and cfg.whitening == "both":
             method = "cholesky"
         else:
             method = "eigh" if (A.device.type == "cpu" or need_eigh) else "newton"
@@ -250,13 +255,15 @@ def pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, z_transform=None):
     dA = dA.flatten(1, 2)
     dB = dB.squeeze(2)
     if cfg.connection != "none":
-        dA, dB = horizontal_projection(A.to(work), B.to(work), dA, dB, cfg.connection, cfg.lam, roots.eig_a,
-                                       roots.eig_b, grams=roots.grams)
+        dA, dB = horizontal_projection(
+            A.to(work), B.to(work), dA, dB, cfg.connection, cfg.lam, roots.eig_a, roots.eig_b, grams=roots.grams
+        )
     return dA.to(Ua.dtype), dB.to(Ub.dtype)
 
 
-def normalize_head_rows(Z: torch.Tensor, v: torch.Tensor, beta2: float, eps: float = 1e-8, *,
-                        unit_dims: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def normalize_head_rows(
+    Z: torch.Tensor, v: torch.Tensor, beta2: float, eps: float = 1e-8, *, unit_dims: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """NorMuon's row normalization (arXiv:2510.05491, Alg. 1) in CM's whitened head space.
 
     ``Z``: msign outputs ``(..., d, D)``, one row per head channel; ``v``: their running second
@@ -281,8 +288,9 @@ def normalize_head_rows(Z: torch.Tensor, v: torch.Tensor, beta2: float, eps: flo
         return lam
 
     before, after = opnorm(Zw), opnorm(Zn)
-    ratio = torch.where(after > 0, before / torch.where(after > 0, after, torch.ones_like(after)),
-                        torch.zeros_like(after))
+    ratio = torch.where(
+        after > 0, before / torch.where(after > 0, after, torch.ones_like(after)), torch.zeros_like(after)
+    )
     return (Zn * ratio).to(Z.dtype), new_v
 
 
@@ -305,8 +313,7 @@ def compiled_pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, **compile_opti
     key = (cfg, tuple(sorted(compile_options.items())))
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = _COMPILED[key] = torch.compile(functools.partial(pair_update, cfg=cfg), dynamic=False,
-                                            **compile_options)
+        fn = _COMPILED[key] = torch.compile(functools.partial(pair_update, cfg=cfg), dynamic=False, **compile_options)
     work = torch.float64 if A.dtype == torch.float64 else torch.float32
     return fn(A, B, Ua, Ub, torch.tensor(float(eta), dtype=work, device=A.device))
 
@@ -356,20 +363,26 @@ def _check_pair_args(names, wa, wb, ga, gb, ma, mb, head_dim: int, num_kv_heads,
         if wa.shape[0] % d:
             raise ValueError(f"`{na}` has {wa.shape[0]} out-features, not divisible by head_dim={d}")
         if wb.shape[1] != D:
-            raise ValueError(f"`{nb}` has shape {tuple(wb.shape)}; expected (num_kv_heads*{d}, {D}) to pair with `{na}` {tuple(wa.shape)}")
+            raise ValueError(
+                f"`{nb}` has shape {tuple(wb.shape)}; expected (num_kv_heads*{d}, {D}) to pair with `{na}` {tuple(wa.shape)}"
+            )
         H = wa.shape[0] // d
     else:  # OV: wa = W_v (Hkv d, D), wb = W_o (D, H d)
         D = wa.shape[1]
         if wa.shape[0] % d:
             raise ValueError(f"`{na}` has {wa.shape[0]} out-features, not divisible by head_dim={d}")
         if wb.shape[0] != D:
-            raise ValueError(f"`{nb}` has shape {tuple(wb.shape)}; expected ({D}, num_heads*{d}) to pair with `{na}` {tuple(wa.shape)}")
+            raise ValueError(
+                f"`{nb}` has shape {tuple(wb.shape)}; expected ({D}, num_heads*{d}) to pair with `{na}` {tuple(wa.shape)}"
+            )
         if wb.shape[1] % d:
             raise ValueError(f"`{nb}` has {wb.shape[1]} in-features, not divisible by head_dim={d}")
         H = wb.shape[1] // d
     kv_w = wb if a_rows_are_heads else wa
     if kv_w.shape[0] % d:
-        raise ValueError(f"`{nb if a_rows_are_heads else na}` has {kv_w.shape[0]} out-features, not divisible by head_dim={d}")
+        raise ValueError(
+            f"`{nb if a_rows_are_heads else na}` has {kv_w.shape[0]} out-features, not divisible by head_dim={d}"
+        )
     hkv = kv_w.shape[0] // d
     if num_kv_heads is not None and num_kv_heads != hkv:
         raise ValueError(f"num_kv_heads={num_kv_heads} but the key/value weight has {hkv} heads of head_dim={d}")
@@ -396,7 +409,12 @@ def cm_momentum(A, B, ga, gb, ma, mb, *, beta: float, nesterov: bool, momentum_r
         pa, pb = horizontal_projection(A, B, new_ma, new_mb, cfg.connection, cfg.lam)
         new_ma, new_mb = pa.to(ma.dtype), pb.to(mb.dtype)
     if nesterov:
-        return new_ma, new_mb, torch.add(ga.to(ma.dtype), new_ma, alpha=beta), torch.add(gb.to(mb.dtype), new_mb, alpha=beta)
+        return (
+            new_ma,
+            new_mb,
+            torch.add(ga.to(ma.dtype), new_ma, alpha=beta),
+            torch.add(gb.to(mb.dtype), new_mb, alpha=beta),
+        )
     return new_ma, new_mb, new_ma, new_mb
 
 
@@ -418,20 +436,24 @@ def all_finite(*tensors) -> bool:
     return bool(finite_flags(list(tensors)).all())
 
 
-def _apply_pair(views, *, eta, beta, nesterov, weight_decay, momentum_reproject, cfg: CMConfig,
-                on_nonfinite: str, grad_names) -> bool:
+def _apply_pair(
+    views, *, eta, beta, nesterov, weight_decay, momentum_reproject, cfg: CMConfig, on_nonfinite: str, grad_names
+) -> bool:
     """Shared body of cm_qk / cm_ov on kernel-layout head views ``(A, B, gA, gB, mA, mB)``
     (``(H, d, D)`` / ``(Hkv, d, D)``) of the caller's tensors; writes through the views."""
     A, B, ga, gb, ma, mb = views
-    new_ma, new_mb, ua, ub = cm_momentum(A, B, ga, gb, ma, mb, beta=beta, nesterov=nesterov,
-                                         momentum_reproject=momentum_reproject, cfg=cfg)
+    new_ma, new_mb, ua, ub = cm_momentum(
+        A, B, ga, gb, ma, mb, beta=beta, nesterov=nesterov, momentum_reproject=momentum_reproject, cfg=cfg
+    )
     dA, dB = pair_update(A.unsqueeze(0), B.unsqueeze(0), ua.unsqueeze(0), ub.unsqueeze(0), eta, cfg)
     if not all_finite(dA, dB, new_ma, new_mb):
         bad = [n for n, g in zip(grad_names, (ga, gb)) if not all_finite(g)]
         if bad:
             if on_nonfinite == "skip":
                 return False
-            raise NonFiniteError(f"non-finite values in {', '.join('`' + b + '`' for b in bad)}; the step was not applied")
+            raise NonFiniteError(
+                f"non-finite values in {', '.join('`' + b + '`' for b in bad)}; the step was not applied"
+            )
         raise NonFiniteError(
             "the CM update is not finite although the gradients are: a partner Gram is singular "
             f"(lam={cfg.lam}); use lam > 0. Nothing was written"
@@ -459,7 +481,9 @@ def _validate_scalars(eta, beta, weight_decay, on_nonfinite, momentum_reproject,
         raise ValueError(f"`weight_decay` must be >= 0, got {weight_decay!r}")
     _choice("on_nonfinite", on_nonfinite, NONFINITE)
     if momentum_reproject and connection == "none":
-        raise ValueError("momentum_reproject=True projects the momentum with the connection's metric; choose a connection other than 'none'")
+        raise ValueError(
+            "momentum_reproject=True projects the momentum with the connection's metric; choose a connection other than 'none'"
+        )
 
 
 @torch.no_grad()
@@ -504,19 +528,38 @@ def cm_qk(
     skipped for a non-finite gradient (``on_nonfinite="skip"``; the default "raise" raises
     :class:`NonFiniteError` and writes nothing).
     """
-    cfg = CMConfig(method=method, isotropic=isotropic, hybrid=False, whitening=whitening, connection=connection,
-                   per_mat_renorm=per_mat_renorm, lam=lam, msign_backend=msign_backend, msign_steps=msign_steps,
-                   msign_dtype=msign_dtype, root_method=root_method)
+    cfg = CMConfig(
+        method=method,
+        isotropic=isotropic,
+        hybrid=False,
+        whitening=whitening,
+        connection=connection,
+        per_mat_renorm=per_mat_renorm,
+        lam=lam,
+        msign_backend=msign_backend,
+        msign_steps=msign_steps,
+        msign_dtype=msign_dtype,
+        root_method=root_method,
+    )
     _validate_scalars(eta, beta, weight_decay, on_nonfinite, momentum_reproject, connection)
-    H, hkv, d, D = _check_pair_args(("wq", "wk", "gq", "gk", "mq", "mk"), wq, wk, gq, gk, mq, mk,
-                                    head_dim, num_kv_heads, a_rows_are_heads=True)
+    H, hkv, d, D = _check_pair_args(
+        ("wq", "wk", "gq", "gk", "mq", "mk"), wq, wk, gq, gk, mq, mk, head_dim, num_kv_heads, a_rows_are_heads=True
+    )
 
     def heads(t):  # (H d, D) -> (H, d, D)
         return t.unflatten(0, (-1, d))
 
-    return _apply_pair(tuple(heads(t) for t in (wq, wk, gq, gk, mq, mk)), eta=eta, beta=beta, nesterov=nesterov,
-                       weight_decay=weight_decay, momentum_reproject=momentum_reproject, cfg=cfg,
-                       on_nonfinite=on_nonfinite, grad_names=("gq", "gk"))
+    return _apply_pair(
+        tuple(heads(t) for t in (wq, wk, gq, gk, mq, mk)),
+        eta=eta,
+        beta=beta,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        momentum_reproject=momentum_reproject,
+        cfg=cfg,
+        on_nonfinite=on_nonfinite,
+        grad_names=("gq", "gk"),
+    )
 
 
 @torch.no_grad()
@@ -561,12 +604,23 @@ def cm_ov(
 
     Other arguments as in :func:`cm_qk`.
     """
-    cfg = CMConfig(method=method, isotropic=isotropic, hybrid=hybrid, whitening=whitening, connection=connection,
-                   per_mat_renorm=per_mat_renorm, lam=lam, msign_backend=msign_backend, msign_steps=msign_steps,
-                   msign_dtype=msign_dtype, root_method=root_method)
+    cfg = CMConfig(
+        method=method,
+        isotropic=isotropic,
+        hybrid=hybrid,
+        whitening=whitening,
+        connection=connection,
+        per_mat_renorm=per_mat_renorm,
+        lam=lam,
+        msign_backend=msign_backend,
+        msign_steps=msign_steps,
+        msign_dtype=msign_dtype,
+        root_method=root_method,
+    )
     _validate_scalars(eta, beta, weight_decay, on_nonfinite, momentum_reproject, connection)
-    H, hkv, d, D = _check_pair_args(("wv", "wo", "gv", "go", "mv", "mo"), wv, wo, gv, go, mv, mo,
-                                    head_dim, num_kv_heads, a_rows_are_heads=False)
+    H, hkv, d, D = _check_pair_args(
+        ("wv", "wo", "gv", "go", "mv", "mo"), wv, wo, gv, go, mv, mo, head_dim, num_kv_heads, a_rows_are_heads=False
+    )
 
     def v_heads(t):  # (Hkv d, D) -> (Hkv, d, D)
         return t.unflatten(0, (-1, d))
@@ -576,6 +630,14 @@ def cm_ov(
 
     # The kernel's A factor is W_o^T (H heads), B is W_v (Hkv heads).
     views = (o_heads(wo), v_heads(wv), o_heads(go), v_heads(gv), o_heads(mo), v_heads(mv))
-    return _apply_pair(views, eta=eta, beta=beta, nesterov=nesterov, weight_decay=weight_decay,
-                       momentum_reproject=momentum_reproject, cfg=cfg, on_nonfinite=on_nonfinite,
-                       grad_names=("go", "gv"))
+    return _apply_pair(
+        views,
+        eta=eta,
+        beta=beta,
+        nesterov=nesterov,
+        weight_decay=weight_decay,
+        momentum_reproject=momentum_reproject,
+        cfg=cfg,
+        on_nonfinite=on_nonfinite,
+        grad_names=("go", "gv"),
+    )

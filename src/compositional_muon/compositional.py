@@ -9,6 +9,7 @@ Param groups carry a ``kind``: ``"cm"`` (with ``cm_pairs``, the head slices of i
 work as Muon / AdamW groups. Same-shape pairs of a CM group are stacked and updated by one batched
 kernel call (see ``cm.pair_update``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,19 +28,48 @@ from .routing import RoutedOptimizer
 __all__ = ["CompositionalMuon"]
 
 KINDS = ("cm", "muon", "adamw")
-CM_DEFAULTS = dict(lr=0.02, momentum=0.95, nesterov=False, weight_decay=0.0, lam=1e-2, method="half_split",
-                   isotropic=False, hybrid=True, whitening="both", connection="none", momentum_reproject=False,
-                   per_mat_renorm=False, msign_backend="polar_express", msign_steps=None, msign_dtype=None,
-                   root_method="auto", transform="none", transform_beta2=0.95, transform_eps=1e-8)
+CM_DEFAULTS = dict(
+    lr=0.02,
+    momentum=0.95,
+    nesterov=False,
+    weight_decay=0.0,
+    lam=1e-2,
+    method="half_split",
+    isotropic=False,
+    hybrid=True,
+    whitening="both",
+    connection="none",
+    momentum_reproject=False,
+    per_mat_renorm=False,
+    msign_backend="polar_express",
+    msign_steps=None,
+    msign_dtype=None,
+    root_method="auto",
+    transform="none",
+    transform_beta2=0.95,
+    transform_eps=1e-8,
+)
 TRANSFORMS = ("none", "normuon")
 _NEWTON_REFUSAL = (
     "transform='newton' is not defined for CM: Newton-Muon right-multiplies each update by the inverse "
     "second moment of the layer's *input*. For o_proj that input is the heads' output, the very d-dim "
     "space that CM already whitens with the partner root C_V^-1, so the two preconditioners would act on "
     "the same side with no single steepest-descent problem behind them. Use NewtonMuon for the Muon "
-    "matrices and CM (transform='none' or 'normuon') for attention; see docs/variants.md.")
-_CM_CFG_KEYS = ("method", "isotropic", "hybrid", "whitening", "connection", "per_mat_renorm", "lam",
-                "msign_backend", "msign_steps", "msign_dtype", "root_method")
+    "matrices and CM (transform='none' or 'normuon') for attention; see docs/variants.md."
+)
+_CM_CFG_KEYS = (
+    "method",
+    "isotropic",
+    "hybrid",
+    "whitening",
+    "connection",
+    "per_mat_renorm",
+    "lam",
+    "msign_backend",
+    "msign_steps",
+    "msign_dtype",
+    "root_method",
+)
 
 
 def _cfg(group: dict) -> CMConfig:
@@ -75,12 +105,31 @@ class CompositionalMuon(Muon):
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, *, lr: float = 0.02, muon_lr: float = 0.02, adamw_lr: float = 3e-4,
-                   weight_decay: float = 0.0, muon_weight_decay: float | None = None,
-                   adamw_weight_decay: float = 0.0, adamw_betas=(0.9, 0.95), adamw_eps: float = 1e-10,
-                   muon_momentum: float = 0.95, attention=None, head_dim=None, num_heads=None, num_kv_heads=None,
-                   adamw_patterns=DEFAULT_ADAMW_PATTERNS, muon_patterns=(), nonfinite: str = "raise",
-                   track_stats: bool = False, verbose: bool = False, distributed="auto", **cm_options):
+    def from_model(
+        cls,
+        model: nn.Module,
+        *,
+        lr: float = 0.02,
+        muon_lr: float = 0.02,
+        adamw_lr: float = 3e-4,
+        weight_decay: float = 0.0,
+        muon_weight_decay: float | None = None,
+        adamw_weight_decay: float = 0.0,
+        adamw_betas=(0.9, 0.95),
+        adamw_eps: float = 1e-10,
+        muon_momentum: float = 0.95,
+        attention=None,
+        head_dim=None,
+        num_heads=None,
+        num_kv_heads=None,
+        adamw_patterns=DEFAULT_ADAMW_PATTERNS,
+        muon_patterns=(),
+        nonfinite: str = "raise",
+        track_stats: bool = False,
+        verbose: bool = False,
+        distributed="auto",
+        **cm_options,
+    ):
         """CM on every attention pair of ``model``, Muon on the other matrices, AdamW on the rest.
 
         ``attention``: explicit :class:`AttentionSpec` list (default: :func:`find_attention` with
@@ -94,24 +143,47 @@ class CompositionalMuon(Muon):
         unknown = set(cm_options) - set(CM_DEFAULTS)
         if unknown:
             raise TypeError(f"unknown CM option(s) {sorted(unknown)}; expected some of {sorted(CM_DEFAULTS)}")
-        specs = list(attention) if attention is not None else find_attention(
-            model, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
+        specs = (
+            list(attention)
+            if attention is not None
+            else find_attention(model, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
+        )
         if not specs:
-            raise ValueError("no attention layer found in the model; pass attention=[AttentionSpec(...)] "
-                             "or head counts, or use Muon/MuonWithAuxAdam for a model without attention")
+            raise ValueError(
+                "no attention layer found in the model; pass attention=[AttentionSpec(...)] "
+                "or head counts, or use Muon/MuonWithAuxAdam for a model without attention"
+            )
         cm, muon, adamw = route_parameters(model, specs, adamw_patterns, muon_patterns)
         groups = [dict(kind="cm", attention=specs, lr=lr, weight_decay=weight_decay, **cm_options)]
         if muon:
-            groups.append(dict(kind="muon", params=[p for _, p in muon], lr=muon_lr, momentum=muon_momentum,
-                               weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay,
-                               msign_dtype=cm_options.get("msign_dtype")))
+            groups.append(
+                dict(
+                    kind="muon",
+                    params=[p for _, p in muon],
+                    lr=muon_lr,
+                    momentum=muon_momentum,
+                    weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay,
+                    msign_dtype=cm_options.get("msign_dtype"),
+                )
+            )
         if adamw:
-            groups.append(dict(kind="adamw", params=[p for _, p in adamw], lr=adamw_lr, betas=adamw_betas,
-                               eps=adamw_eps, weight_decay=adamw_weight_decay))
+            groups.append(
+                dict(
+                    kind="adamw",
+                    params=[p for _, p in adamw],
+                    lr=adamw_lr,
+                    betas=adamw_betas,
+                    eps=adamw_eps,
+                    weight_decay=adamw_weight_decay,
+                )
+            )
         opt = cls(groups, nonfinite=nonfinite, track_stats=track_stats, distributed=distributed)
         names = {id(p): n for n, p in model.named_parameters()}
-        opt.routing = [(n, "cm", tuple(p.shape)) for n, p in cm] + [(n, "muon", tuple(p.shape)) for n, p in muon] + \
-                      [(n, "adamw", tuple(p.shape)) for n, p in adamw]
+        opt.routing = (
+            [(n, "cm", tuple(p.shape)) for n, p in cm]
+            + [(n, "muon", tuple(p.shape)) for n, p in muon]
+            + [(n, "adamw", tuple(p.shape)) for n, p in adamw]
+        )
         opt._names = names
         if verbose:
             print(opt.summary())
@@ -121,8 +193,11 @@ class CompositionalMuon(Muon):
         group = dict(param_group)
         kind = group.pop("kind", None)
         if kind is None:
-            kind = "cm" if "attention" in group or "cm_pairs" in group else (
-                "muon" if group.get("use_muon", True) else "adamw")
+            kind = (
+                "cm"
+                if "attention" in group or "cm_pairs" in group
+                else ("muon" if group.get("use_muon", True) else "adamw")
+            )
         if kind not in KINDS:
             raise ValueError(f"unknown param group kind {kind!r}; expected one of {KINDS}")
         if kind != "cm":
@@ -152,11 +227,15 @@ class CompositionalMuon(Muon):
             raise ValueError(f"unknown CM transform {group['transform']!r}; expected one of {TRANSFORMS}")
         if group["transform"] == "normuon":
             if group["method"] != "half_split":
-                raise ValueError("transform='normuon' needs method='half_split': the joint rule's msign rows span "
-                                 "all G+1 factors of a group, so a row is not one weight's channel")
+                raise ValueError(
+                    "transform='normuon' needs method='half_split': the joint rule's msign rows span "
+                    "all G+1 factors of a group, so a row is not one weight's channel"
+                )
             if not 0 <= group["transform_beta2"] < 1 or not group["transform_eps"] >= 0:
-                raise ValueError(f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
-                                 f"{group['transform_beta2']!r}, {group['transform_eps']!r}")
+                raise ValueError(
+                    f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
+                    f"{group['transform_beta2']!r}, {group['transform_eps']!r}"
+                )
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
         RoutedOptimizer._validate_group(self, group)
@@ -178,8 +257,17 @@ class CompositionalMuon(Muon):
                         index[id(hs.param)] = len(params)
                         params.append(hs.param)
                     refs.append([index[id(hs.param)], axis, offset, stride])
-                pairs.append(dict(name=f"{spec.name}.{kind}", kind=kind, head_dim=spec.head_dim,
-                                  num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads, a=refs[0], b=refs[1]))
+                pairs.append(
+                    dict(
+                        name=f"{spec.name}.{kind}",
+                        kind=kind,
+                        head_dim=spec.head_dim,
+                        num_heads=spec.num_heads,
+                        num_kv_heads=spec.num_kv_heads,
+                        a=refs[0],
+                        b=refs[1],
+                    )
+                )
         return params, pairs
 
     def _check_pairs(self, group) -> None:
@@ -193,15 +281,21 @@ class CompositionalMuon(Muon):
     def load_state_dict(self, state_dict: dict) -> None:
         saved = state_dict.get("param_groups", [])
         if len(saved) != len(self.param_groups):
-            raise ValueError(f"optimizer/model mismatch: the checkpoint has {len(saved)} param groups, "
-                             f"this optimizer has {len(self.param_groups)}")
+            raise ValueError(
+                f"optimizer/model mismatch: the checkpoint has {len(saved)} param groups, "
+                f"this optimizer has {len(self.param_groups)}"
+            )
         for i, (s, g) in enumerate(zip(saved, self.param_groups)):
             if s.get("kind") != g["kind"]:
-                raise ValueError(f"optimizer/model mismatch: param group {i} is {s.get('kind')!r} in the checkpoint "
-                                 f"but {g['kind']!r} here")
+                raise ValueError(
+                    f"optimizer/model mismatch: param group {i} is {s.get('kind')!r} in the checkpoint "
+                    f"but {g['kind']!r} here"
+                )
             if g["kind"] == "cm" and s.get("cm_pairs") != g["cm_pairs"]:
-                raise ValueError(f"optimizer/model mismatch: the attention layout of param group {i} differs from "
-                                 "the checkpoint's (different model or head counts)")
+                raise ValueError(
+                    f"optimizer/model mismatch: the attention layout of param group {i} differs from "
+                    "the checkpoint's (different model or head counts)"
+                )
         by_index = {}
         idx = 0
         for g in self.param_groups:
@@ -212,8 +306,10 @@ class CompositionalMuon(Muon):
             p = by_index.get(k)
             for name, v in st.items():
                 if p is not None and isinstance(v, torch.Tensor) and v.ndim and v.shape != p.shape:
-                    raise ValueError(f"optimizer/model mismatch: state {name!r} of parameter {k} has shape "
-                                     f"{tuple(v.shape)}, the parameter has {tuple(p.shape)}")
+                    raise ValueError(
+                        f"optimizer/model mismatch: state {name!r} of parameter {k} has shape "
+                        f"{tuple(v.shape)}, the parameter has {tuple(p.shape)}"
+                    )
         super().load_state_dict(state_dict)
 
     # -- step -------------------------------------------------------------------------------------
@@ -229,8 +325,10 @@ class CompositionalMuon(Muon):
             for item in plan:
                 # "finite" is set (agreed across ranks) by the FSDP2 path
                 if not (item["finite"] if "finite" in item else all_finite(item["dA"], item["dB"])):
-                    raise NonFiniteError(f"the CM update of {item['names']} is not finite (singular partner Gram "
-                                         f"with lam={g['lam']}?); nothing was written")
+                    raise NonFiniteError(
+                        f"the CM update of {item['names']} is not finite (singular partner Gram "
+                        f"with lam={g['lam']}?); nothing was written"
+                    )
         stats = {}
         for g, plan in plans:
             self._cm_apply(g, plan, stats)
@@ -244,8 +342,15 @@ class CompositionalMuon(Muon):
             if group["use_muon"]:
                 self._matrix_step(group, params)
             else:
-                adamw_step(params, [p.grad for p in params], [self.state[p] for p in params], lr=float(group["lr"]),
-                           betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+                adamw_step(
+                    params,
+                    [p.grad for p in params],
+                    [self.state[p] for p in params],
+                    lr=float(group["lr"]),
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
         return loss
 
     def _cm_plan(self, group: dict) -> list:
@@ -258,8 +363,9 @@ class CompositionalMuon(Muon):
         normuon = group["transform"] == "normuon"
         if any(_dist.is_dtensor(p) for p in params):  # FSDP2 / DTensor parameters
             if normuon:
-                raise ValueError("transform='normuon' is not supported for DTensor (FSDP2) parameters; use "
-                                 "transform='none' there")
+                raise ValueError(
+                    "transform='normuon' is not supported for DTensor (FSDP2) parameters; use transform='none' there"
+                )
             return _dist.sharded_cm_plan(self, group, cfg)
         if normuon:
             for p in params:
@@ -267,7 +373,8 @@ class CompositionalMuon(Muon):
                 # same head views (fused / transposed layouts) address them
                 if "head_moment" not in self.state[p]:
                     self.state[p]["head_moment"] = torch.zeros_like(
-                        p, dtype=torch.promote_types(p.dtype, torch.float32), memory_format=torch.preserve_format)
+                        p, dtype=torch.promote_types(p.dtype, torch.float32), memory_format=torch.preserve_format
+                    )
         # DDP: split the layers among the ranks (the normuon transform's state is computed everywhere)
         spread = None if normuon else _dist.replicated_group(self)
         buckets: dict = {}
@@ -282,22 +389,48 @@ class CompositionalMuon(Muon):
 
             A, B = views(pa, pb)
             key = (pair["kind"], tuple(A.shape), tuple(B.shape), pa.dtype, pb.dtype)
-            buckets.setdefault(key, []).append(dict(
-                name=pair["name"], w=(A, B), g=views(pa.grad, pb.grad),
-                m=views(self.state[pa]["momentum_buffer"], self.state[pb]["momentum_buffer"]),
-                v=views(self.state[pa]["head_moment"], self.state[pb]["head_moment"]) if normuon else None))
+            buckets.setdefault(key, []).append(
+                dict(
+                    name=pair["name"],
+                    w=(A, B),
+                    g=views(pa.grad, pb.grad),
+                    m=views(self.state[pa]["momentum_buffer"], self.state[pb]["momentum_buffer"]),
+                    v=views(self.state[pa]["head_moment"], self.state[pb]["head_moment"]) if normuon else None,
+                )
+            )
         plan = []
         for key, items in buckets.items():
             stack = [torch.stack([it[f][i] for it in items]) for f in ("w", "g", "m") for i in (0, 1)]
             A, B, ga, gb, ma, mb = stack
-            new_ma, new_mb, ua, ub = cm_momentum(A, B, ga, gb, ma, mb, beta=group["momentum"],
-                                                 nesterov=group["nesterov"],
-                                                 momentum_reproject=group["momentum_reproject"], cfg=cfg)
+            new_ma, new_mb, ua, ub = cm_momentum(
+                A,
+                B,
+                ga,
+                gb,
+                ma,
+                mb,
+                beta=group["momentum"],
+                nesterov=group["nesterov"],
+                momentum_reproject=group["momentum_reproject"],
+                cfg=cfg,
+            )
             # `hybrid` is an OV option: QK's A factor (W_q) is always per head.
             pair_cfg = cfg if key[0] == "ov" else dataclasses.replace(cfg, hybrid=False)
             if spread is not None:
-                plan.append(dict(items=items, names=[it["name"] for it in items], A=A, B=B, ua=ua, ub=ub,
-                                 cfg=pair_cfg, new_ma=new_ma, new_mb=new_mb, kind=key[0]))
+                plan.append(
+                    dict(
+                        items=items,
+                        names=[it["name"] for it in items],
+                        A=A,
+                        B=B,
+                        ua=ua,
+                        ub=ub,
+                        cfg=pair_cfg,
+                        new_ma=new_ma,
+                        new_mb=new_mb,
+                        kind=key[0],
+                    )
+                )
                 continue
             moments: dict = {}
             zt = None
@@ -306,8 +439,20 @@ class CompositionalMuon(Muon):
                     pair_cfg = dataclasses.replace(pair_cfg, root_method="eigh" if A.device.type == "cpu" else "newton")
                 zt = self._normuon_transform(group, items, pair_cfg, moments)
             dA, dB = pair_update(A, B, ua, ub, float(group["lr"]), pair_cfg, z_transform=zt)
-            plan.append(dict(items=items, names=[it["name"] for it in items], A=A, B=B, dA=dA, dB=dB,
-                             new_ma=new_ma, new_mb=new_mb, kind=key[0], **moments))
+            plan.append(
+                dict(
+                    items=items,
+                    names=[it["name"] for it in items],
+                    A=A,
+                    B=B,
+                    dA=dA,
+                    dB=dB,
+                    new_ma=new_ma,
+                    new_mb=new_mb,
+                    kind=key[0],
+                    **moments,
+                )
+            )
         if spread is not None and plan:
             _dist.spread_pair_updates(plan, float(group["lr"]), spread)
         return plan
@@ -322,8 +467,9 @@ class CompositionalMuon(Muon):
 
         def transform(Za, Zb):
             L, hkv, G = Za.shape[:3]
-            za, new_va = normalize_head_rows(Za, va.reshape(L, hkv, G, *va.shape[-2:]), beta2, eps,
-                                             unit_dims=2 if cfg.hybrid else 0)
+            za, new_va = normalize_head_rows(
+                Za, va.reshape(L, hkv, G, *va.shape[-2:]), beta2, eps, unit_dims=2 if cfg.hybrid else 0
+            )
             zb, new_vb = normalize_head_rows(Zb, vb.unsqueeze(2), beta2, eps)
             out["new_va"], out["new_vb"] = new_va.flatten(1, 2), new_vb.squeeze(2)
             return za, zb
@@ -356,12 +502,15 @@ class CompositionalMuon(Muon):
         for gi, g in enumerate(self.param_groups):
             lines.append(f"group {gi}: {g['kind']}  lr={float(g['lr']):g}  weight_decay={g['weight_decay']:g}")
             if g["kind"] == "cm":
-                opts = ", ".join(f"{k}={g[k]}" for k in ("method", "isotropic", "hybrid", "whitening", "connection",
-                                                         "lam") if k in g)
+                opts = ", ".join(
+                    f"{k}={g[k]}" for k in ("method", "isotropic", "hybrid", "whitening", "connection", "lam") if k in g
+                )
                 lines.append(f"  {opts}")
                 for pair in g["cm_pairs"]:
-                    lines.append(f"  {pair['name']:<40} {pair['kind']}  heads={pair['num_heads']}"
-                                 f" kv_heads={pair['num_kv_heads']} head_dim={pair['head_dim']}")
+                    lines.append(
+                        f"  {pair['name']:<40} {pair['kind']}  heads={pair['num_heads']}"
+                        f" kv_heads={pair['num_kv_heads']} head_dim={pair['head_dim']}"
+                    )
             names = getattr(self, "_names", {})
             for p in g["params"]:
                 lines.append(f"  {names.get(id(p), '<param>'):<40} {tuple(p.shape)}")

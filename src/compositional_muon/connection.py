@@ -23,6 +23,7 @@ Both matrix equations are solved exactly in the eigenbases of ``G_B`` and ``G_A`
 are diagonal. Directions with a zero denominator are themselves zero (pseudo-inverse).
 The projected update is ``P_h - X A_h``, ``Q_g + X^T B_g``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,8 +44,9 @@ def _inner(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x * y).sum(dim=(-2, -1))
 
 
-def vertical_coefficient(A, B, P, Q, connection: str, lam: float, eig_a=None, eig_b=None, *,
-                         grams=None) -> torch.Tensor:
+def vertical_coefficient(
+    A, B, P, Q, connection: str, lam: float, eig_a=None, eig_b=None, *, grams=None
+) -> torch.Tensor:
     """The gauge generator ``X`` (``(..., Hkv, d, d)``; ``(..., Hkv, 1, 1)`` for scalar connections).
 
     ``eig_a`` / ``eig_b`` optionally pass precomputed ``gram_eigh`` of the grouped ``G_A`` and

@@ -3,6 +3,7 @@
 All functions take the kernel layout (``A``, ``dA``: ``(L, H, d, D)``; ``B``, ``dB``:
 ``(L, Hkv, d, D)``) and return ``(L, H)`` / ``(L, Hkv)`` float32 tensors on the CPU.
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,5 +34,8 @@ def composed_opnorm(A, B, dA, dB) -> torch.Tensor:
 def pair_stats(A, B, dA, dB, kind: str = "qk") -> dict:
     """``{"q_step"|"o_step": (L, H), "k_step"|"v_step": (L, Hkv), "composed": (L, H)}`` on the CPU."""
     a, b = ("q", "k") if kind == "qk" else ("o", "v")
-    return {f"{a}_step": head_opnorm(dA).cpu(), f"{b}_step": head_opnorm(dB).cpu(),
-            "composed": composed_opnorm(A, B, dA, dB).cpu()}
+    return {
+        f"{a}_step": head_opnorm(dA).cpu(),
+        f"{b}_step": head_opnorm(dB).cpu(),
+        "composed": composed_opnorm(A, B, dA, dB).cpu(),
+    }

@@ -1,9 +1,9 @@
 """Distributed training: DDP (replicated parameters) and FSDP2 / DTensor (parameters sharded on dim 0).
 
 Every optimizer of the library runs unchanged under both; this module supplies the distributed
-paths the optimizers call into, the collectives (all counted, see :class:`CommCounter`), and the
-helpers a training script needs (:func:`setup_distributed`, :func:`wrap_model`,
-:func:`save_checkpoint` / :func:`load_checkpoint` through ``torch.distributed.checkpoint``).
+paths the optimizers call into and the collectives (all counted, see :class:`CommCounter`). The
+helpers a training script needs (process groups, DDP / FSDP2 wrapping, DCP checkpoints) are in
+:mod:`compositional_muon.training.dist`.
 
 Replicated parameters (DDP; gradients are already averaged by DDP)
     Momentum and element-wise work stay replicated; the msigns are *spread*: each rank
@@ -29,13 +29,11 @@ DTensor parameters (FSDP2 ``fully_shard``: ``Shard(0)`` on a 1-D mesh)
 
 See ``docs/distributed.md`` for the per-step communication volumes.
 """
+
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass
 
@@ -55,14 +53,6 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "CommCounter",
-    "DistInfo",
-    "setup_distributed",
-    "cleanup_distributed",
-    "wrap_model",
-    "unwrap_model",
-    "save_checkpoint",
-    "load_checkpoint",
-    "all_reduce_mean",
     "replicated_group",
     "row_sharding",
     "gram_msign",
@@ -93,7 +83,7 @@ class CommCounter:
     def __init__(self):
         self.calls: list = []
 
-    def __enter__(self) -> "CommCounter":
+    def __enter__(self) -> CommCounter:
         _COUNTERS.append(self)
         return self
 
@@ -233,12 +223,13 @@ def row_sharding(t) -> Rows | None:
     return Rows(mesh.get_group(), rank, world, starts, ends)
 
 
-def _from_local(x: torch.Tensor, like) -> "DTensor":
-    return DTensor.from_local(x, like.device_mesh, like.placements, run_check=False, shape=like.shape,
-                              stride=like.stride())
+def _from_local(x: torch.Tensor, like) -> DTensor:
+    return DTensor.from_local(
+        x, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    )
 
 
-def _reshard(full: torch.Tensor, like) -> "DTensor":
+def _reshard(full: torch.Tensor, like) -> DTensor:
     """A full (replicated) tensor, laid out like the DTensor ``like`` (no communication)."""
     rep = DTensor.from_local(full, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
     return rep.redistribute(like.device_mesh, like.placements)
@@ -250,7 +241,7 @@ def _local_part(full: torch.Tensor, like) -> torch.Tensor:
         return full
     rows = row_sharding(like)
     if rows is not None:
-        return full[rows.lo:rows.hi]
+        return full[rows.lo : rows.hi]
     return _reshard(full, like).to_local()
 
 
@@ -311,7 +302,7 @@ def spread(numels, costs, compute, dtype, device, group, tag: str) -> list:
         outs = compute(mine)
         off = 0
         for i, o in zip(mine, outs):
-            buf[off: off + numels[i]] = o.reshape(-1).to(dtype)
+            buf[off : off + numels[i]] = o.reshape(-1).to(dtype)
             off += numels[i]
     full = torch.empty(world * width, dtype=dtype, device=device)
     _all_gather(full, buf, group, tag)
@@ -319,7 +310,7 @@ def spread(numels, costs, compute, dtype, device, group, tag: str) -> list:
     res = []
     for i, n in enumerate(numels):
         r = owner[i]
-        res.append(full[offs[r]: offs[r] + n])
+        res.append(full[offs[r] : offs[r] + n])
         offs[r] += n
     return res
 
@@ -359,7 +350,7 @@ def owner_compute(locals_, shapes, ranges, costs, fn, group, tag: str) -> list:
         chunks = []
         for r in range(world):
             k = rows(j, r) * trail[j]
-            chunks.append(pieces[r][offs[r]: offs[r] + k])
+            chunks.append(pieces[r][offs[r] : offs[r] + k])
             offs[r] += k
         fulls.append(torch.cat(chunks).view(shapes[j]).to(locals_[j].dtype))
     outs = fn(fulls) if mine else []
@@ -367,7 +358,7 @@ def owner_compute(locals_, shapes, ranges, costs, fn, group, tag: str) -> list:
     parts2 = [[] for _ in range(world)]
     for j, o in zip(mine, outs):
         for r in range(world):
-            parts2[r].append(o[ranges[j][0][r]: ranges[j][1][r]].reshape(-1).to(wire))
+            parts2[r].append(o[ranges[j][0][r] : ranges[j][1][r]].reshape(-1).to(wire))
     in2 = [sum(p.numel() for p in parts2[r]) for r in range(world)]
     out2 = [sum(rows(j, rank) * trail[j] for j in range(n) if owner[j] == r) for r in range(world)]
     send2 = torch.cat([p for ps in parts2 for p in ps]) if any(parts2) else torch.empty(0, dtype=wire, device=device)
@@ -379,7 +370,7 @@ def owner_compute(locals_, shapes, ranges, costs, fn, group, tag: str) -> list:
     for j in range(n):
         r = owner[j]
         k = rows(j, rank) * trail[j]
-        res.append(pieces2[r][offs[r]: offs[r] + k].view((rows(j, rank),) + tuple(shapes[j][1:])).to(locals_[j].dtype))
+        res.append(pieces2[r][offs[r] : offs[r] + k].view((rows(j, rank),) + tuple(shapes[j][1:])).to(locals_[j].dtype))
         offs[r] += k
     return res
 
@@ -407,9 +398,15 @@ def orthogonalize(opt, group: dict, dirs: list) -> list:
             zs = opt._orthogonalize_local(group, sub)
         else:
             dtype = _common_dtype(u.dtype for u in sub)
-            flat = spread([u.numel() for u in sub], [_msign_cost(u.shape) for u in sub],
-                          lambda idx: opt._orthogonalize_local(group, [sub[i] for i in idx]),
-                          dtype, sub[0].device, pg, "muon.msign")
+            flat = spread(
+                [u.numel() for u in sub],
+                [_msign_cost(u.shape) for u in sub],
+                lambda idx: opt._orthogonalize_local(group, [sub[i] for i in idx]),
+                dtype,
+                sub[0].device,
+                pg,
+                "muon.msign",
+            )
             zs = [f.view(u.shape).to(u.dtype) for f, u in zip(flat, sub)]
         for i, z in zip(plain, zs):
             out[i] = z
@@ -421,9 +418,15 @@ def orthogonalize(opt, group: dict, dirs: list) -> list:
         (fast.setdefault(rows.group, []).append((i, rows)) if rows is not None else slow.append(i))
     for pg, jobs in fast.items():
         us = [dirs[i] for i, _ in jobs]
-        zs = owner_compute([u.to_local() for u in us], [tuple(u.shape) for u in us],
-                           [(r.starts, r.ends) for _, r in jobs], [_msign_cost(u.shape) for u in us],
-                           lambda fulls: opt._orthogonalize_local(group, fulls), pg, "muon.msign")
+        zs = owner_compute(
+            [u.to_local() for u in us],
+            [tuple(u.shape) for u in us],
+            [(r.starts, r.ends) for _, r in jobs],
+            [_msign_cost(u.shape) for u in us],
+            lambda fulls: opt._orthogonalize_local(group, fulls),
+            pg,
+            "muon.msign",
+        )
         for (i, _), u, z in zip(jobs, us, zs):
             out[i] = _from_local(z.contiguous(), u)
     if slow:  # any other DTensor layout: gather, compute everywhere, re-shard
@@ -440,8 +443,9 @@ def zeros_rows(like: torch.Tensor, cols: int, dtype) -> torch.Tensor:
     rows = row_sharding(like)
     if rows is not None:
         z = torch.zeros(rows.hi - rows.lo, cols, dtype=dtype, device=like.device)
-        return DTensor.from_local(z, like.device_mesh, like.placements, run_check=False,
-                                  shape=(like.size(0), cols), stride=(cols, 1))
+        return DTensor.from_local(
+            z, like.device_mesh, like.placements, run_check=False, shape=(like.size(0), cols), stride=(cols, 1)
+        )
     full = torch.zeros(like.size(0), cols, dtype=dtype, device=like.device)
     return DTensor.from_local(full, like.device_mesh, [Replicate()] * like.device_mesh.ndim, run_check=False)
 
@@ -498,14 +502,17 @@ def average_grams(opt, entries) -> None:
     bufs = []
     for w, shape in entries:
         acc = opt._grams.get(w)
-        g = (acc[0] / acc[1]).reshape(-1).to(dtype) if acc is not None else torch.zeros(
-            math.prod(shape), dtype=dtype, device=device)
+        g = (
+            (acc[0] / acc[1]).reshape(-1).to(dtype)
+            if acc is not None
+            else torch.zeros(math.prod(shape), dtype=dtype, device=device)
+        )
         bufs.append(torch.cat([g, g.new_tensor([1.0 if acc is not None else 0.0])]))
     flat = _all_reduce(torch.cat(bufs), pg, "newton.gram")
     off = 0
     for (w, shape), b in zip(entries, bufs):
         k = b.numel()
-        seg = flat[off: off + k]
+        seg = flat[off : off + k]
         off += k
         cnt = seg[-1].item()
         acc = opt._grams.get(w)
@@ -677,8 +684,9 @@ def _roots(S: torch.Tensor, cfg: CMConfig, d: int, device) -> torch.Tensor:
     return (U * (s + cfg.lam).rsqrt().unsqueeze(-2)) @ U.mT
 
 
-def sharded_pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, fa: Factor, fb: Factor, H: int, hkv: int,
-                        D: int, group, tag: str):
+def sharded_pair_update(
+    A, B, Ua, Ub, eta: float, cfg: CMConfig, fa: Factor, fb: Factor, H: int, hkv: int, D: int, group, tag: str
+):
     """:func:`cm.pair_update` (``method="half_split"``, no connection) for factors sharded by head
     ("heads") or by width ("width"), on this rank's parts: ``A``/``Ua`` ``(L, H_loc, d, D_loc)``,
     ``B``/``Ub`` ``(L, Hkv_loc, d, D_loc)``. Collectives: one all-reduce of the partner Grams when
@@ -700,14 +708,14 @@ def sharded_pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, fa: Factor, fb:
     Sa = torch.zeros(L, hkv, k, k, dtype=work, device=device)
     Sb = torch.zeros(L, hkv, k, k, dtype=work, device=device)
     if A.size(1):
-        Sa[:, ga[0]:ga[1]] = stat(A.to(work)).unflatten(1, (-1, G)).sum(2)
+        Sa[:, ga[0] : ga[1]] = stat(A.to(work)).unflatten(1, (-1, G)).sum(2)
     if B.size(1):
-        Sb[:, gb[0]:gb[1]] = stat(B.to(work))
+        Sb[:, gb[0] : gb[1]] = stat(B.to(work))
     if width:
         flat = _all_reduce(torch.cat([Sa.reshape(-1), Sb.reshape(-1)]), group, tag + ".gram")
-        Sa, Sb = flat[: Sa.numel()].view_as(Sa), flat[Sa.numel():].view_as(Sb)
-    R_b = _roots(Sb[:, ga[0]:ga[1]], cfg, d, device)  # whitens A (partner B)
-    R_a = _roots(Sa[:, gb[0]:gb[1]], cfg, d, device)  # whitens B (partner A)
+        Sa, Sb = flat[: Sa.numel()].view_as(Sa), flat[Sa.numel() :].view_as(Sb)
+    R_b = _roots(Sb[:, ga[0] : ga[1]], cfg, d, device)  # whitens A (partner B)
+    R_a = _roots(Sa[:, gb[0] : gb[1]], cfg, d, device)  # whitens B (partner A)
     pre = cfg.whitening in ("both", "pre")
     post = cfg.whitening in ("both", "post")
     rw = R_b.dtype
@@ -740,7 +748,7 @@ def sharded_pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, fa: Factor, fb:
         flat = _all_reduce(torch.cat([s.reshape(-1) for s in S]), group, tag + ".msign")
         off = 0
         for g, s in zip(grams, S):
-            s_all = flat[off: off + s.numel()].view_as(s)
+            s_all = flat[off : off + s.numel()].view_as(s)
             off += s.numel()
             z = gram_msign(X[g], s_all, D, cfg.msign_backend, cfg.msign_steps)
             if g == "a":
@@ -751,8 +759,9 @@ def sharded_pair_update(A, B, Ua, Ub, eta: float, cfg: CMConfig, fa: Factor, fb:
     dB = _left(R_a, Zb) if post else Zb
     if cfg.per_mat_renorm:
         dims = tuple(range(1, dA.ndim))
-        sums = torch.stack([Za.square().sum(dims), dA.square().sum(dims), Zb.square().sum(dims),
-                            dB.square().sum(dims)], -1)
+        sums = torch.stack(
+            [Za.square().sum(dims), dA.square().sum(dims), Zb.square().sum(dims), dB.square().sum(dims)], -1
+        )
         sums = _all_reduce(sums, group, tag + ".renorm")
         rt = sums.sqrt()
 
@@ -820,11 +829,28 @@ def sharded_cm_plan(opt, group: dict, cfg: CMConfig) -> list:
             if f.rows is not None and pg is None:
                 pg = f.rows.group
         if path == "gather":
-            _warn_once(opt, pair["name"], f"CompositionalMuon under FSDP2/DTensor: {pair['name']!r}: {reason}; "
-                       "its update uses the gather fallback (full weights, gradients and momenta are "
-                       "all-gathered and the update computed on every rank). See docs/distributed.md.")
-        key = (path, pair["kind"], tuple(pa.shape), tuple(pb.shape), ra, rb, H, hkv, d, pa.dtype, pb.dtype,
-               id(pa) == id(pb), pair["name"] if path == "gather" else None)
+            _warn_once(
+                opt,
+                pair["name"],
+                f"CompositionalMuon under FSDP2/DTensor: {pair['name']!r}: {reason}; "
+                "its update uses the gather fallback (full weights, gradients and momenta are "
+                "all-gathered and the update computed on every rank). See docs/distributed.md.",
+            )
+        key = (
+            path,
+            pair["kind"],
+            tuple(pa.shape),
+            tuple(pb.shape),
+            ra,
+            rb,
+            H,
+            hkv,
+            d,
+            pa.dtype,
+            pb.dtype,
+            id(pa) == id(pb),
+            pair["name"] if path == "gather" else None,
+        )
         buckets.setdefault(key, []).append((pair, pa, pb, fa, fb, pair_cfg, D))
     plan = []
     for key, items in buckets.items():
@@ -841,21 +867,51 @@ def sharded_cm_plan(opt, group: dict, cfg: CMConfig) -> list:
             def views(ta, tb, ra=ra, rb=rb):
                 return _local_heads(local(ta), ra, fa, d), _local_heads(local(tb), rb, fb, d)
 
-            entries.append(dict(name=pair["name"], w=views(pa, pb), g=views(pa.grad, pb.grad),
-                                m=views(opt.state[pa]["momentum_buffer"], opt.state[pb]["momentum_buffer"])))
+            entries.append(
+                dict(
+                    name=pair["name"],
+                    w=views(pa, pb),
+                    g=views(pa.grad, pb.grad),
+                    m=views(opt.state[pa]["momentum_buffer"], opt.state[pb]["momentum_buffer"]),
+                )
+            )
         A, B, ga, gb, ma, mb = [torch.stack([e[f][i] for e in entries]) for f in ("w", "g", "m") for i in (0, 1)]
-        new_ma, new_mb, ua, ub = cm_momentum(A, B, ga, gb, ma, mb, beta=group["momentum"], nesterov=group["nesterov"],
-                                             momentum_reproject=group["momentum_reproject"], cfg=cfg)
+        new_ma, new_mb, ua, ub = cm_momentum(
+            A,
+            B,
+            ga,
+            gb,
+            ma,
+            mb,
+            beta=group["momentum"],
+            nesterov=group["nesterov"],
+            momentum_reproject=group["momentum_reproject"],
+            cfg=cfg,
+        )
         if path == "local":
             if A.size(1) and B.size(1):
                 dA, dB = pair_update(A, B, ua, ub, eta, pair_cfg)
             else:
                 dA, dB = torch.zeros_like(ua), torch.zeros_like(ub)
         else:
-            dA, dB = sharded_pair_update(A, B, ua, ub, eta, pair_cfg, fa, fb, H, hkv, D, fa.rows.group,
-                                         f"cm.{pair0['kind']}")
-        plan.append(dict(items=entries, names=[e["name"] for e in entries], A=A, B=B, dA=dA, dB=dB,
-                         new_ma=new_ma, new_mb=new_mb, kind=pair0["kind"], stats=False, path=path))
+            dA, dB = sharded_pair_update(
+                A, B, ua, ub, eta, pair_cfg, fa, fb, H, hkv, D, fa.rows.group, f"cm.{pair0['kind']}"
+            )
+        plan.append(
+            dict(
+                items=entries,
+                names=[e["name"] for e in entries],
+                A=A,
+                B=B,
+                dA=dA,
+                dB=dB,
+                new_ma=new_ma,
+                new_mb=new_mb,
+                kind=pair0["kind"],
+                stats=False,
+                path=path,
+            )
+        )
     _agree_finite(plan, pg, params[0].device)
     return plan
 
@@ -883,8 +939,11 @@ def _gather_item(opt, group, pair, pa, pb, fa, fb, pair_cfg, D) -> dict:
     full = {}
     for p in uniq:
         m = opt.state[p]["momentum_buffer"]
-        full[id(p)] = (gather_full(p, "cm.fallback").detach(), gather_full(p.grad, "cm.fallback"),
-                       gather_full(m, "cm.fallback"))
+        full[id(p)] = (
+            gather_full(p, "cm.fallback").detach(),
+            gather_full(p.grad, "cm.fallback"),
+            gather_full(m, "cm.fallback"),
+        )
 
     def views(i, p, ref, n):
         return head_view(full[id(p)][i], *ref, n, d).unsqueeze(0)
@@ -892,8 +951,18 @@ def _gather_item(opt, group, pair, pa, pb, fa, fb, pair_cfg, D) -> dict:
     A, B = views(0, pa, ra, H), views(0, pb, rb, hkv)
     ga, gb = views(1, pa, ra, H), views(1, pb, rb, hkv)
     ma, mb = views(2, pa, ra, H), views(2, pb, rb, hkv)
-    new_ma, new_mb, ua, ub = cm_momentum(A, B, ga, gb, ma, mb, beta=group["momentum"], nesterov=group["nesterov"],
-                                         momentum_reproject=group["momentum_reproject"], cfg=pair_cfg)
+    new_ma, new_mb, ua, ub = cm_momentum(
+        A,
+        B,
+        ga,
+        gb,
+        ma,
+        mb,
+        beta=group["momentum"],
+        nesterov=group["nesterov"],
+        momentum_reproject=group["momentum_reproject"],
+        cfg=pair_cfg,
+    )
     dA, dB = pair_update(A, B, ua, ub, float(group["lr"]), pair_cfg)
 
     def apply(decay: float) -> None:
@@ -910,8 +979,20 @@ def _gather_item(opt, group, pair, pa, pb, fa, fb, pair_cfg, D) -> dict:
                 loc = local(dst)
                 loc.copy_(torch.where(_local_part(mask, dst), _local_part(src, dst).to(loc.dtype), loc))
 
-    return dict(items=[], names=[pair["name"]], A=A, B=B, dA=dA, dB=dB, new_ma=new_ma, new_mb=new_mb,
-                kind=pair["kind"], stats=False, path="gather", apply=apply)
+    return dict(
+        items=[],
+        names=[pair["name"]],
+        A=A,
+        B=B,
+        dA=dA,
+        dB=dB,
+        new_ma=new_ma,
+        new_mb=new_mb,
+        kind=pair["kind"],
+        stats=False,
+        path="gather",
+        apply=apply,
+    )
 
 
 def spread_pair_updates(plan: list, eta: float, group) -> None:
@@ -935,8 +1016,14 @@ def spread_pair_updates(plan: list, eta: float, group) -> None:
         for e, ls in by_entry.items():
             it = plan[e]
             sel = torch.tensor(ls, device=it["A"].device)
-            dA, dB = pair_update(it["A"].index_select(0, sel), it["B"].index_select(0, sel),
-                                 it["ua"].index_select(0, sel), it["ub"].index_select(0, sel), eta, it["cfg"])
+            dA, dB = pair_update(
+                it["A"].index_select(0, sel),
+                it["B"].index_select(0, sel),
+                it["ua"].index_select(0, sel),
+                it["ub"].index_select(0, sel),
+                eta,
+                it["cfg"],
+            )
             for j, l in enumerate(ls):
                 res[(e, l)] = torch.cat([dA[j].reshape(-1), dB[j].reshape(-1)])
         return [res[units[i]] for i in idx]
@@ -952,222 +1039,3 @@ def spread_pair_updates(plan: list, eta: float, group) -> None:
         assert len(mine) == L
         for k in ("ua", "ub", "cfg"):
             it.pop(k)
-
-
-# ------------------------------------------------------------------------------------------------
-# Helpers for training scripts
-# ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistInfo:
-    """What :func:`setup_distributed` found: ``rank``, ``world_size``, ``local_rank``, ``device``,
-    ``backend`` (None when running as a single process)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-    backend: str | None = None
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(backend: str | None = None, *, timeout_s: float = 1800.0) -> DistInfo:
-    """Initialize ``torch.distributed`` from torchrun's environment (``RANK``, ``WORLD_SIZE``,
-    ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``) and pick the device.
-
-    ``backend``: ``"nccl"`` on CUDA, ``"gloo"`` on CPU (the default picks by availability). Without
-    torchrun's variables (or with ``WORLD_SIZE=1``) nothing is initialized and a single-process
-    :class:`DistInfo` is returned. Call once at start-up; pair with :func:`cleanup_distributed`."""
-    import datetime
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    cuda = torch.cuda.is_available() and backend != "gloo"
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if world <= 1:
-        return DistInfo(0, 1, 0, device, None)
-    backend = backend or ("nccl" if cuda else "gloo")
-    if not dist.is_initialized():
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s),
-                                device_id=device if cuda else None)
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, backend)
-
-
-def cleanup_distributed() -> None:
-    """Destroy the default process group if this process initialized one."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _blocks(model: torch.nn.Module) -> list:
-    """The transformer blocks FSDP2 wraps one by one: the items of the model's ``nn.ModuleList``s."""
-    out = []
-    for m in model.modules():
-        if isinstance(m, torch.nn.ModuleList):
-            out.extend(c for c in m if any(p.requires_grad for p in c.parameters()))
-    return out
-
-
-def wrap_model(model: torch.nn.Module, mode: str, *, device=None, blocks=None, **kwargs) -> torch.nn.Module:
-    """Wrap ``model`` for data parallelism; build the optimizer on the returned model *afterwards*.
-
-    ``mode``: ``"none"`` (returned as is), ``"ddp"`` (``DistributedDataParallel``; ``kwargs`` go to
-    it) or ``"fsdp2"`` (``fully_shard`` on every block, default: the items of the model's
-    ``nn.ModuleList``s, then on the root; parameters become DTensors sharded on dim 0 over a 1-D
-    mesh of all ranks; ``kwargs`` go to ``fully_shard``, e.g. ``mp_policy``). FSDP2 shards
-    ``q_proj``/``k_proj``/``v_proj`` rows in ``ceil(rows / world)`` chunks: CM's QK update is free
-    of communication when those chunks hold whole heads (``H`` and ``Hkv`` divisible by the world
-    size, see ``docs/distributed.md``)."""
-    if mode in (None, "none", "single"):
-        return model
-    if not dist.is_initialized():
-        raise RuntimeError(f"wrap_model(mode={mode!r}) needs torch.distributed initialized (setup_distributed())")
-    if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        dev = device if device is not None else next(model.parameters()).device
-        ids = [dev.index] if getattr(dev, "type", "cpu") == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, **kwargs)
-    if mode == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-
-        dev = device if device is not None else next(model.parameters()).device
-        mesh = init_device_mesh(torch.device(dev).type, (dist.get_world_size(),))
-        for b in (_blocks(model) if blocks is None else blocks):
-            fully_shard(b, mesh=mesh, **kwargs)
-        fully_shard(model, mesh=mesh, **kwargs)
-        return model
-    raise ValueError(f"unknown distributed mode {mode!r}; expected 'none', 'ddp' or 'fsdp2'")
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside a DDP wrapper (FSDP2 modules are returned as they are)."""
-    return getattr(model, "module", model) if type(model).__name__ == "DistributedDataParallel" else model
-
-
-def all_reduce_mean(x: float | torch.Tensor) -> float:
-    """Mean of a scalar over all ranks (for logging); the value itself without ``torch.distributed``."""
-    t = torch.as_tensor(x, dtype=torch.float64).detach().reshape(1).cpu()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t)
-        t = t / dist.get_world_size()
-    return float(t.item())
-
-
-def _layout(model, optimizer) -> dict:
-    """What must match between a checkpoint and the run loading it."""
-    inner = unwrap_model(model)
-    groups = []
-    for g in optimizer.param_groups:
-        groups.append(dict(kind=g.get("kind", "muon" if g.get("use_muon", True) else "adamw"),
-                           n_params=len(g["params"]), cm_pairs=g.get("cm_pairs")))
-    return dict(optimizer=type(optimizer).__name__,
-                params={n: list(p.shape) for n, p in inner.named_parameters()},
-                groups=groups)
-
-
-def _layout_diff(saved: dict, now: dict) -> list:
-    out = []
-    if saved.get("optimizer") != now["optimizer"]:
-        out.append(f"optimizer {saved.get('optimizer')!r} in the checkpoint, {now['optimizer']!r} here")
-    sp, np_ = saved.get("params", {}), now["params"]
-    missing = sorted(set(sp) - set(np_))
-    extra = sorted(set(np_) - set(sp))
-    if missing:
-        out.append(f"parameters in the checkpoint but not in the model: {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
-    if extra:
-        out.append(f"parameters in the model but not in the checkpoint: {extra[:6]}" + (" ..." if len(extra) > 6 else ""))
-    for n in sorted(set(sp) & set(np_)):
-        if list(sp[n]) != list(np_[n]):
-            out.append(f"parameter {n!r} has shape {tuple(sp[n])} in the checkpoint, {tuple(np_[n])} here")
-    sg, ng = saved.get("groups", []), now["groups"]
-    if len(sg) != len(ng):
-        out.append(f"the checkpoint has {len(sg)} optimizer param groups, this optimizer {len(ng)}")
-    else:
-        for i, (a, b) in enumerate(zip(sg, ng)):
-            if a.get("kind") != b["kind"] or a.get("n_params") != b["n_params"]:
-                out.append(f"param group {i}: {a.get('kind')} with {a.get('n_params')} params in the checkpoint, "
-                           f"{b['kind']} with {b['n_params']} here")
-            elif json.dumps(a.get("cm_pairs")) != json.dumps(b["cm_pairs"]):
-                out.append(f"param group {i}: the attention layout (CM head slices) differs")
-    return out
-
-
-_META = "cm_layout.json"
-
-
-@contextlib.contextmanager
-def _single_process_quiet():
-    """Silence DCP's "assuming the intent is to save/load in a single process" warning (intended)."""
-    with warnings.catch_warnings():
-        if not dist.is_initialized():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
-
-
-def save_checkpoint(path: str, model, optimizer, *, extra: dict | None = None) -> None:
-    """Save model and optimizer state with ``torch.distributed.checkpoint`` (DCP) into the folder
-    ``path``: every rank writes its own shards (FSDP2) or the replicated tensors once (DDP / single
-    process). ``extra`` (JSON-serializable: step, config, ...) and the model/optimizer layout go to
-    ``path/cm_layout.json``, written by rank 0. Call on every rank."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    msd, osd = get_state_dict(model, optimizer)
-    rank0 = not dist.is_initialized() or dist.get_rank() == 0
-    if rank0:
-        os.makedirs(path, exist_ok=True)
-    with _single_process_quiet():
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path, no_dist=not dist.is_initialized())
-    if rank0:
-        meta = dict(format="compositional_muon.dcp/1", world_size=dist.get_world_size() if dist.is_initialized() else 1,
-                    layout=_layout(model, optimizer), extra=extra or {})
-        tmp = os.path.join(path, _META + ".tmp")
-        with open(tmp, "w") as f:
-            json.dump(meta, f, default=str)
-        os.replace(tmp, os.path.join(path, _META))
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def load_checkpoint(path: str, model, optimizer) -> dict:
-    """Load a :func:`save_checkpoint` folder into ``model`` and ``optimizer`` (built as for saving,
-    wrapped the same way) and return its ``extra`` dict. Call on every rank.
-
-    Raises :class:`~compositional_muon.checkpoint.CheckpointError` naming the differences when the
-    checkpoint's parameter names/shapes, optimizer class, param groups or CM head layout do not
-    match this run (checked before anything is loaded)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-    from .checkpoint import CheckpointError
-
-    meta_path = os.path.join(path, _META)
-    if not os.path.isfile(meta_path):
-        raise CheckpointError(f"{path!r} is not a distributed checkpoint of this library (no {_META})")
-    with open(meta_path) as f:
-        meta = json.load(f)
-    diff = _layout_diff(meta.get("layout", {}), json.loads(json.dumps(_layout(model, optimizer), default=str)))
-    if diff:
-        raise CheckpointError(f"checkpoint {path!r} does not fit this model/optimizer:\n  - " + "\n  - ".join(diff))
-    msd, osd = get_state_dict(model, optimizer)
-    state = {"model": msd, "optim": osd}
-    with _single_process_quiet():
-        dcp.load(state, checkpoint_id=path, no_dist=not dist.is_initialized())
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    return meta.get("extra", {})

@@ -23,6 +23,7 @@ orthogonal factor (see ``cm._partner_roots``). Measured on a 2-core CPU (``docs/
 for 144 Grams of 64 x 64, batched Cholesky + triangular solve ~10 ms, ``eigh`` ~50 ms, the
 24-step Newton iteration ~0.4 s.
 """
+
 from __future__ import annotations
 
 import torch

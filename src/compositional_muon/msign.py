@@ -21,6 +21,7 @@ Muon does), and on CPU bfloat16 only where the CPU has a native bf16 dot product
 float32 otherwise: a CPU without native bf16 runs a bf16 matmul 15-50x slower than a float32 one, and float32 is also the more accurate choice (see
 ``docs/performance.md``). Pass ``torch.bfloat16``, ``torch.float32`` or ``torch.float64`` to fix it.
 """
+
 from __future__ import annotations
 
 import os
@@ -54,9 +55,9 @@ _PE_RAW = (
     (1.875, -1.25, 0.375),
 )
 _PE_SAFETY = 1.01
-POLAR_EXPRESS_COEFFS = tuple(
-    (a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c in _PE_RAW[:-1]
-) + (_PE_RAW[-1],)
+POLAR_EXPRESS_COEFFS = tuple((a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY**5) for a, b, c in _PE_RAW[:-1]) + (
+    _PE_RAW[-1],
+)
 
 BACKENDS = ("polar_express", "newton_schulz", "svd")
 _DEFAULT_STEPS = {"polar_express": 8, "newton_schulz": 5}
@@ -64,8 +65,15 @@ _EPS = 1e-7
 
 # ``dtype=None`` -> a working precision per device type (see default_msign_dtype).
 DTYPE_ENV = "COMPOSITIONAL_MUON_MSIGN_DTYPE"
-_DTYPE_NAMES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32,
-                "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+_DTYPE_NAMES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float64": torch.float64,
+}
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 GEMM on x86 CPUs
 _default_dtypes: dict = {}
 

@@ -11,6 +11,7 @@ with the shape factor ``s`` chosen by ``adjust_lr_fn``: ``"original"`` (Keller J
 which gives the update the RMS of a typical AdamW update so AdamW learning rates carry over).
 Rows/cols are those of the 2-D (flattened) matrix.
 """
+
 from __future__ import annotations
 
 import math
@@ -65,16 +66,47 @@ class Muon(RoutedOptimizer):
     parameters are supported: each matrix is gathered to one owner rank for its msign.
     """
 
-    matrix_defaults = dict(lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.0,
-                           adjust_lr_fn="original", backend="newton_schulz", msign_dtype=None)
+    matrix_defaults = dict(
+        lr=0.02,
+        momentum=0.95,
+        nesterov=True,
+        ns_steps=5,
+        weight_decay=0.0,
+        adjust_lr_fn="original",
+        backend="newton_schulz",
+        msign_dtype=None,
+    )
 
-    def __init__(self, params, lr: float = 0.02, weight_decay: float = 0.0, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, adjust_lr_fn: str = "original",
-                 backend: str = "newton_schulz", msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise",
-                 distributed="auto"):
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay, adjust_lr_fn=adjust_lr_fn, backend=backend,
-                                      msign_dtype=msign_dtype), nonfinite=nonfinite, distributed=distributed)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        weight_decay: float = 0.0,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        adjust_lr_fn: str = "original",
+        backend: str = "newton_schulz",
+        msign_dtype: torch.dtype | None = None,
+        *,
+        nonfinite: str = "raise",
+        distributed="auto",
+    ):
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                weight_decay=weight_decay,
+                adjust_lr_fn=adjust_lr_fn,
+                backend=backend,
+                msign_dtype=msign_dtype,
+            ),
+            nonfinite=nonfinite,
+            distributed=distributed,
+        )
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)

@@ -6,6 +6,7 @@ class also owns the checks every step needs: sparse or complex gradients raise `
 NaN/inf gradient either raises :class:`NonFiniteError` or skips the whole step (``nonfinite="skip"``,
 counted in each group's ``"skipped_steps"``), before anything is written.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,7 @@ def check_grads(param_groups) -> bool:
                 g = g.to_local()
             grads.append(g)
     if sharded:
-        return _dist.grads_finite(list(finite_flags(grads).unbind(0)), _dist.dtensor_groups(sharded),
-                                  sharded[0].device)
+        return _dist.grads_finite(list(finite_flags(grads).unbind(0)), _dist.dtensor_groups(sharded), sharded[0].device)
     return not grads or bool(finite_flags(grads).all())
 
 
@@ -147,8 +147,15 @@ class RoutedOptimizer(torch.optim.Optimizer):
             if group["use_muon"]:
                 self._matrix_step(group, params)
             else:
-                adamw_step(params, [p.grad for p in params], [self.state[p] for p in params], lr=float(group["lr"]),
-                           betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"])
+                adamw_step(
+                    params,
+                    [p.grad for p in params],
+                    [self.state[p] for p in params],
+                    lr=float(group["lr"]),
+                    betas=group["betas"],
+                    eps=group["eps"],
+                    weight_decay=group["weight_decay"],
+                )
         return loss
 
     def _before_step(self) -> None:

@@ -12,6 +12,7 @@ be composed with Compositional Muon:
 
 See ``docs/variants.md``.
 """
+
 from .adamuon import AdaMuon, adamuon_normalize, heavy_ball_momentum
 from .mano import Mano, mano_direction
 from .newton_muon import NewtonMuon, NewtonMuonHooks, input_second_moment, newton_precondition, newton_refresh

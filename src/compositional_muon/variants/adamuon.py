@@ -15,6 +15,7 @@ The authors' released ``adamuon.py`` differs: it orthogonalizes the momentum wit
 correction (pass ``beta2=0.999``; the bias correction is a scalar that the RMS rescale cancels up to
 ``eps``), and uses Nesterov momentum (the default here, ``nesterov=True``, as in their GPT-2 code).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,9 @@ def heavy_ball_momentum(buf: torch.Tensor, grad: torch.Tensor, beta: float, nest
     return g.add(buf, alpha=beta) if nesterov else buf.clone()
 
 
-def adamuon_normalize(O: torch.Tensor, V: torch.Tensor, beta: float, eps: float = 1e-8
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+def adamuon_normalize(
+    O: torch.Tensor, V: torch.Tensor, beta: float, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Element-wise adaptive rescaling of an orthogonalized update (arXiv:2507.11005, Algorithm 1).
 
     ``O``, ``V``: ``(..., m, n)``. Returns ``(U, new_V)`` with ``new_V = beta V + (1 - beta) O*O``,
@@ -66,17 +68,54 @@ class AdaMuon(Muon):
     ``momentum_buffer`` and ``second_moment`` (both like ``p``).
     """
 
-    matrix_defaults = dict(lr=0.02, momentum=0.95, beta2=None, eps=1e-8, nesterov=True, sign_stabilize=True,
-                           weight_decay=0.01, ns_steps=5, backend="newton_schulz", msign_dtype=None)
+    matrix_defaults = dict(
+        lr=0.02,
+        momentum=0.95,
+        beta2=None,
+        eps=1e-8,
+        nesterov=True,
+        sign_stabilize=True,
+        weight_decay=0.01,
+        ns_steps=5,
+        backend="newton_schulz",
+        msign_dtype=None,
+    )
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, beta2: float | None = None,
-                 eps: float = 1e-8, weight_decay: float = 0.01, nesterov: bool = True, sign_stabilize: bool = True,
-                 ns_steps: int = 5, backend: str = "newton_schulz", msign_dtype: torch.dtype | None = None, *,
-                 nonfinite: str = "raise", distributed="auto"):
-        RoutedOptimizer.__init__(self, params, dict(
-            lr=lr, momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov, sign_stabilize=sign_stabilize,
-            weight_decay=weight_decay, ns_steps=ns_steps, backend=backend, msign_dtype=msign_dtype),
-            nonfinite=nonfinite, distributed=distributed)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        beta2: float | None = None,
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        nesterov: bool = True,
+        sign_stabilize: bool = True,
+        ns_steps: int = 5,
+        backend: str = "newton_schulz",
+        msign_dtype: torch.dtype | None = None,
+        *,
+        nonfinite: str = "raise",
+        distributed="auto",
+    ):
+        RoutedOptimizer.__init__(
+            self,
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                beta2=beta2,
+                eps=eps,
+                nesterov=nesterov,
+                sign_stabilize=sign_stabilize,
+                weight_decay=weight_decay,
+                ns_steps=ns_steps,
+                backend=backend,
+                msign_dtype=msign_dtype,
+            ),
+            nonfinite=nonfinite,
+            distributed=distributed,
+        )
 
     def _validate_group(self, group: dict) -> None:
         RoutedOptimizer._validate_group(self, group)  # Muon's checks minus adjust_lr_fn (unused here)

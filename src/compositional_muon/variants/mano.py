@@ -17,6 +17,7 @@ authors' later "Mano v2" (README, 2026-03-14): the projection uses the raw ``W``
 ``eps`` is added to the norm instead of clamping it, and Nesterov momentum is recommended
 (``nesterov=None`` resolves to False for version 1, True for version 2).
 """
+
 from __future__ import annotations
 
 import math
@@ -67,13 +68,27 @@ class Mano(RoutedOptimizer):
 
     matrix_defaults = dict(lr=1e-3, momentum=0.95, nesterov=False, weight_decay=0.1, eps=1e-8, version=1)
 
-    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.95, weight_decay: float = 0.1,
-                 eps: float = 1e-8, nesterov: bool | None = None, version: int = 1, *, nonfinite: str = "raise",
-                 distributed="auto"):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        momentum: float = 0.95,
+        weight_decay: float = 0.1,
+        eps: float = 1e-8,
+        nesterov: bool | None = None,
+        version: int = 1,
+        *,
+        nonfinite: str = "raise",
+        distributed="auto",
+    ):
         if nesterov is None:
             nesterov = version == 2
-        super().__init__(params, dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                                      eps=eps, version=version), nonfinite=nonfinite, distributed=distributed)
+        super().__init__(
+            params,
+            dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eps=eps, version=version),
+            nonfinite=nonfinite,
+            distributed=distributed,
+        )
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)

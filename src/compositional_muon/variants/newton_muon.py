@@ -17,6 +17,7 @@ The inputs are captured by forward pre-hooks on ``nn.Linear`` modules (:meth:`Ne
 or :meth:`NewtonMuon.from_model`), only on refresh steps, only in training mode with grad enabled;
 each call is reduced at once to the ``n x n`` Gram ``Z Z^T / N``, so no activation is kept.
 """
+
 from __future__ import annotations
 
 import warnings
@@ -51,8 +52,9 @@ def input_second_moment(x: torch.Tensor, nblocks: int = 1, *, dtype: torch.dtype
     return zb.mT @ zb / N
 
 
-def newton_refresh(K: torch.Tensor, gram: torch.Tensor | None, beta: float, gamma: float, eps: float = 1e-8
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def newton_refresh(
+    K: torch.Tensor, gram: torch.Tensor | None, beta: float, gamma: float, eps: float = 1e-8
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One refresh of Algorithm 1 (arXiv:2604.01472): returns ``(K_new, K_inv, ok)``.
 
     ``K`` is ``(n, n)`` or ``(b, n, n)`` (block-diagonal); ``gram`` the new ``Z Z^T / N`` (``None``:
@@ -85,7 +87,7 @@ def newton_precondition(G: torch.Tensor, K_inv: torch.Tensor) -> torch.Tensor:
 class NewtonMuonHooks:
     """What :meth:`NewtonMuon.register` returns: ``remove()`` detaches the hooks it attached."""
 
-    def __init__(self, opt: "NewtonMuon", entries: list):
+    def __init__(self, opt: NewtonMuon, entries: list):
         self._opt = weakref.ref(opt)
         self._entries = entries
 
@@ -107,7 +109,7 @@ class NewtonMuonHooks:
         self.remove()
 
 
-def _make_hook(opt: "NewtonMuon", weight):
+def _make_hook(opt: NewtonMuon, weight):
     ref = weakref.ref(opt)  # the module must not keep the optimizer alive
 
     def hook(module, args):
@@ -147,19 +149,51 @@ class NewtonMuon(Muon):
     object itself; ``state_dict`` checkpoints are unaffected.
     """
 
-    matrix_defaults = dict(Muon.matrix_defaults, refresh_interval=32, precond_beta=0.95, ridge=0.2,
-                           precond_init=1e-3, precond_eps=1e-8)
+    matrix_defaults = dict(
+        Muon.matrix_defaults, refresh_interval=32, precond_beta=0.95, ridge=0.2, precond_init=1e-3, precond_eps=1e-8
+    )
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, nesterov: bool = True, ns_steps: int = 5,
-                 weight_decay: float = 0.0, adjust_lr_fn: str = "original", backend: str = "newton_schulz",
-                 msign_dtype: torch.dtype | None = None, refresh_interval: int = 32, precond_beta: float = 0.95,
-                 ridge: float = 0.2, precond_init: float = 1e-3, precond_eps: float = 1e-8, *,
-                 nonfinite: str = "raise", distributed="auto"):
-        RoutedOptimizer.__init__(self, params, dict(
-            lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, weight_decay=weight_decay,
-            adjust_lr_fn=adjust_lr_fn, backend=backend, msign_dtype=msign_dtype, refresh_interval=refresh_interval,
-            precond_beta=precond_beta, ridge=ridge, precond_init=precond_init, precond_eps=precond_eps),
-            nonfinite=nonfinite, distributed=distributed)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        ns_steps: int = 5,
+        weight_decay: float = 0.0,
+        adjust_lr_fn: str = "original",
+        backend: str = "newton_schulz",
+        msign_dtype: torch.dtype | None = None,
+        refresh_interval: int = 32,
+        precond_beta: float = 0.95,
+        ridge: float = 0.2,
+        precond_init: float = 1e-3,
+        precond_eps: float = 1e-8,
+        *,
+        nonfinite: str = "raise",
+        distributed="auto",
+    ):
+        RoutedOptimizer.__init__(
+            self,
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                nesterov=nesterov,
+                ns_steps=ns_steps,
+                weight_decay=weight_decay,
+                adjust_lr_fn=adjust_lr_fn,
+                backend=backend,
+                msign_dtype=msign_dtype,
+                refresh_interval=refresh_interval,
+                precond_beta=precond_beta,
+                ridge=ridge,
+                precond_init=precond_init,
+                precond_eps=precond_eps,
+            ),
+            nonfinite=nonfinite,
+            distributed=distributed,
+        )
         self._hooks: list = []  # [module, handle, weight, nblocks]
         self._sources: dict = {}  # weight -> number of diagonal blocks of its K
         self._groups: dict = {}  # weight -> its param group
@@ -168,7 +202,7 @@ class NewtonMuon(Muon):
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_model(cls, model: nn.Module, params=None, *, blocks: dict | None = None, **kwargs) -> "NewtonMuon":
+    def from_model(cls, model: nn.Module, params=None, *, blocks: dict | None = None, **kwargs) -> NewtonMuon:
         """Build the optimizer and :meth:`register` ``model``.
 
         ``params=None`` puts the weight of every ``nn.Linear`` in one ``use_muon=True`` group and
@@ -215,8 +249,9 @@ class NewtonMuon(Muon):
                 raise ValueError(f"blocks[{name!r}] = {nb} must be >= 1 and divide in_features = {mod.in_features}")
             w = mod.weight
             if planned.get(w, nb) != nb:
-                raise ValueError(f"{name}: its weight is shared with a module registered with "
-                                 f"{planned[w]} block(s), not {nb}")
+                raise ValueError(
+                    f"{name}: its weight is shared with a module registered with {planned[w]} block(s), not {nb}"
+                )
             st = self.state.get(w)
             if st and "precond_K" in st and st["precond_K"].ndim != (2 if nb == 1 else 3):
                 raise ValueError(f"{name}: blocks={nb} does not match the loaded preconditioner state")
@@ -250,14 +285,23 @@ class NewtonMuon(Muon):
             self._warned.discard(id(w))
 
     def _warn_unhooked(self) -> None:
-        missing = [p for g in self.param_groups if g["use_muon"] for p in g["params"]
-                   if p not in self._sources and id(p) not in self._warned]
+        missing = [
+            p
+            for g in self.param_groups
+            if g["use_muon"]
+            for p in g["params"]
+            if p not in self._sources and id(p) not in self._warned
+        ]
         if missing:
             self._warned.update(id(p) for p in missing)
             shapes = ", ".join(str(tuple(p.shape)) for p in missing[:8]) + (" ..." if len(missing) > 8 else "")
-            warnings.warn(f"NewtonMuon: {len(missing)} matrix parameter(s) [{shapes}] have no hooked nn.Linear "
-                          "input; they get plain Muon (no K^-1 preconditioner). Call register(model) or "
-                          "NewtonMuon.from_model(model).", UserWarning, stacklevel=3)
+            warnings.warn(
+                f"NewtonMuon: {len(missing)} matrix parameter(s) [{shapes}] have no hooked nn.Linear "
+                "input; they get plain Muon (no K^-1 preconditioner). Call register(model) or "
+                "NewtonMuon.from_model(model).",
+                UserWarning,
+                stacklevel=3,
+            )
 
     # -- hooks ----------------------------------------------------------------------------------
     def _capture(self, w, x) -> None:
@@ -349,11 +393,13 @@ class NewtonMuon(Muon):
             if not bool(torch.isfinite(gram).all()):
                 warnings.warn("NewtonMuon: non-finite layer inputs; K not updated on this refresh", UserWarning)
                 gram = None
-        K, inv, ok = newton_refresh(st["precond_K"], gram, group["precond_beta"], group["ridge"],
-                                    group["precond_eps"])
+        K, inv, ok = newton_refresh(st["precond_K"], gram, group["precond_beta"], group["ridge"], group["precond_eps"])
         if not bool(ok.all()):
-            warnings.warn(f"NewtonMuon: Cholesky of K failed for a weight of shape {tuple(p.shape)}; "
-                          "using K^-1 = I until the next refresh", UserWarning)
+            warnings.warn(
+                f"NewtonMuon: Cholesky of K failed for a weight of shape {tuple(p.shape)}; "
+                "using K^-1 = I until the next refresh",
+                UserWarning,
+            )
         st["precond_K"].copy_(K)
         st["precond_inv"].copy_(inv)
 
@@ -361,8 +407,12 @@ class NewtonMuon(Muon):
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating state to the parameter's dtype; keep K and K^-1 in float32 for
         # low-precision parameters so a resumed run matches.
-        keep = {(pid, key): v for pid, st in state_dict["state"].items() for key, v in st.items()
-                if key in ("precond_K", "precond_inv")}
+        keep = {
+            (pid, key): v
+            for pid, st in state_dict["state"].items()
+            for key, v in st.items()
+            if key in ("precond_K", "precond_inv")
+        }
         super().load_state_dict(state_dict)
         ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

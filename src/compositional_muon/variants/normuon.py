@@ -16,6 +16,7 @@ the incoming weights of output neuron ``i``; conv weights are flattened to ``out
 ``adjust_lr_fn``). The released code also uses Nesterov momentum (``nesterov=True``); the paper's
 algorithm does not, and neither does this class by default.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,8 +36,15 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def normuon_normalize(O: torch.Tensor, v: torch.Tensor, beta2: float, eps: float = 1e-10, *, scale: str = "paper",
-                      adjust_lr_fn: str | None = "original") -> tuple[torch.Tensor, torch.Tensor]:
+def normuon_normalize(
+    O: torch.Tensor,
+    v: torch.Tensor,
+    beta2: float,
+    eps: float = 1e-10,
+    *,
+    scale: str = "paper",
+    adjust_lr_fn: str | None = "original",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Neuron-wise normalization of an orthogonalized update (arXiv:2510.05491, Algorithm 1).
 
     ``O``: ``(..., m, n)`` orthogonalized momentum; ``v``: ``(..., m, 1)`` per-row second moment.
@@ -76,18 +84,57 @@ class NorMuon(Muon):
     ``momentum_buffer`` (like ``p``) and ``second_moment`` (``m x 1``, one value per output neuron).
     """
 
-    matrix_defaults = dict(lr=0.02, momentum=0.95, beta2=0.95, eps=1e-10, nesterov=False, weight_decay=0.0,
-                           scale="paper", adjust_lr_fn="original", ns_steps=5, backend="newton_schulz",
-                           msign_dtype=None)
+    matrix_defaults = dict(
+        lr=0.02,
+        momentum=0.95,
+        beta2=0.95,
+        eps=1e-10,
+        nesterov=False,
+        weight_decay=0.0,
+        scale="paper",
+        adjust_lr_fn="original",
+        ns_steps=5,
+        backend="newton_schulz",
+        msign_dtype=None,
+    )
 
-    def __init__(self, params, lr: float = 0.02, momentum: float = 0.95, beta2: float = 0.95, eps: float = 1e-10,
-                 weight_decay: float = 0.0, nesterov: bool = False, scale: str = "paper",
-                 adjust_lr_fn: str = "original", ns_steps: int = 5, backend: str = "newton_schulz",
-                 msign_dtype: torch.dtype | None = None, *, nonfinite: str = "raise", distributed="auto"):
-        RoutedOptimizer.__init__(self, params, dict(
-            lr=lr, momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov, weight_decay=weight_decay,
-            scale=scale, adjust_lr_fn=adjust_lr_fn, ns_steps=ns_steps, backend=backend, msign_dtype=msign_dtype),
-            nonfinite=nonfinite, distributed=distributed)
+    def __init__(
+        self,
+        params,
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        beta2: float = 0.95,
+        eps: float = 1e-10,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        scale: str = "paper",
+        adjust_lr_fn: str = "original",
+        ns_steps: int = 5,
+        backend: str = "newton_schulz",
+        msign_dtype: torch.dtype | None = None,
+        *,
+        nonfinite: str = "raise",
+        distributed="auto",
+    ):
+        RoutedOptimizer.__init__(
+            self,
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                beta2=beta2,
+                eps=eps,
+                nesterov=nesterov,
+                weight_decay=weight_decay,
+                scale=scale,
+                adjust_lr_fn=adjust_lr_fn,
+                ns_steps=ns_steps,
+                backend=backend,
+                msign_dtype=msign_dtype,
+            ),
+            nonfinite=nonfinite,
+            distributed=distributed,
+        )
 
     def _validate_group(self, group: dict) -> None:
         super()._validate_group(group)
@@ -108,10 +155,10 @@ class NorMuon(Muon):
                 # row-sharded like z under FSDP2 (a plain zeros(m, 1) otherwise)
                 st["second_moment"] = _dist.zeros_rows(z, 1, p.dtype)
             v = st["second_moment"]
-            u, new_v = normuon_normalize(z, v, group["beta2"], group["eps"], scale=group["scale"],
-                                         adjust_lr_fn=group["adjust_lr_fn"])
+            u, new_v = normuon_normalize(
+                z, v, group["beta2"], group["eps"], scale=group["scale"], adjust_lr_fn=group["adjust_lr_fn"]
+            )
             v.copy_(new_v)
             if wd:
                 p.mul_(1 - lr * wd)
             p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
-

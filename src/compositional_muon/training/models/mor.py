@@ -11,14 +11,15 @@ The auxiliary loss is the BCE between the router logits and the top-k membership
 ``sharing="middle_cycle"`` adds a unique first and a unique last block that see every token;
 ``"cycle"`` has only the shared stack.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .layers import BaseConfig, Block, LanguageModel, _check_float, _check_int, rms_norm
 
@@ -54,7 +55,9 @@ class MoRConfig(BaseConfig):
         if self.capacities is None:
             self.capacities = tuple((N - r) / N for r in range(N))
         caps = tuple(self.capacities)
-        if len(caps) != N or any(isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in caps):
+        if len(caps) != N or any(
+            isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c <= 1 for c in caps
+        ):
             raise ValueError(f"MoRConfig.capacities must be {N} numbers in (0, 1], got {self.capacities!r}")
         if any(a < b for a, b in zip(caps, caps[1:])):
             raise ValueError(f"MoRConfig.capacities must be non-increasing (hierarchical routing), got {caps}")

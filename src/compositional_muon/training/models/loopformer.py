@@ -5,14 +5,15 @@ through adaLN modulation, trained with shortcut consistency between a long and a
 A schedule is a list of step sizes summing to 1. Loop ``i`` runs the whole stack with
 ``c = TimeEmb(t) + DtEmb(dt)`` and then sets ``t <- t + dt`` (``t`` starts at 0).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from .layers import MLP, BaseConfig, CausalSelfAttention, LanguageModel, _check_float, _check_int, rms_norm
 
@@ -45,7 +46,9 @@ class LoopFormerConfig(BaseConfig):
         if self.eval_loops is not None:
             _check_int(self, "eval_loops")
         if self.short_trajectory not in ("random", "equal"):
-            raise ValueError(f"LoopFormerConfig.short_trajectory must be 'random' or 'equal', got {self.short_trajectory!r}")
+            raise ValueError(
+                f"LoopFormerConfig.short_trajectory must be 'random' or 'equal', got {self.short_trajectory!r}"
+            )
         _check_float(self, "short_weight", lo_open=False)
         _check_float(self, "consistency_weight", lo_open=False)
 
@@ -115,8 +118,8 @@ class LoopFormer(LanguageModel):
             if config.zero_init_o:
                 # zero o_proj/down_proj already make each block start as the identity; a zero gate on
                 # top would leave both without a gradient, so the gates start at 1 instead
-                nn.init.ones_(blk.ada.bias[2 * config.n_embd: 3 * config.n_embd])
-                nn.init.ones_(blk.ada.bias[5 * config.n_embd:])
+                nn.init.ones_(blk.ada.bias[2 * config.n_embd : 3 * config.n_embd])
+                nn.init.ones_(blk.ada.bias[5 * config.n_embd :])
 
     # -- schedules --------------------------------------------------------------------------------
     @staticmethod

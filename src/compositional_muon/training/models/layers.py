@@ -4,14 +4,15 @@ causal self-attention with GQA, the MLP, a pre-norm block and the language-model
 Conventions: weights are ``nn.Linear`` (``out x in``) without biases; RMSNorm is parameter-free
 (``F.rms_norm`` without a weight), so every trainable parameter of a block is a matrix.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 __all__ = ["BaseConfig", "rms_norm", "apply_rope", "CausalSelfAttention", "MLP", "Block", "LanguageModel"]
 
@@ -32,7 +33,13 @@ def _check_bool(cfg, name):
 
 def _check_float(cfg, name, lo=0.0, lo_open=True):
     v = getattr(cfg, name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < lo or (lo_open and v == lo):
+    if (
+        isinstance(v, bool)
+        or not isinstance(v, (int, float))
+        or not math.isfinite(v)
+        or v < lo
+        or (lo_open and v == lo)
+    ):
         rel = ">" if lo_open else ">="
         raise ValueError(f"{type(cfg).__name__}.{name} must be a finite number {rel} {lo}, got {v!r}")
 
@@ -102,7 +109,7 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
     if ang.ndim == 3:
         ang = ang[:, None]  # broadcast over heads
     cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
@@ -215,8 +222,10 @@ class LanguageModel(nn.Module):
     def _embed(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Validate the inputs; return ``(x, pos)``."""
         if not isinstance(idx, torch.Tensor) or idx.ndim != 2 or idx.dtype not in (torch.int64, torch.int32):
-            raise TypeError(f"idx must be a (batch, time) int64/int32 tensor, got "
-                            f"{type(idx).__name__ if not isinstance(idx, torch.Tensor) else (idx.dtype, tuple(idx.shape))}")
+            raise TypeError(
+                f"idx must be a (batch, time) int64/int32 tensor, got "
+                f"{type(idx).__name__ if not isinstance(idx, torch.Tensor) else (idx.dtype, tuple(idx.shape))}"
+            )
         T = idx.size(1)
         if T < 1 or T > self.config.block_size:
             raise ValueError(f"sequence length {T} must be in [1, block_size={self.config.block_size}]")
@@ -243,8 +252,14 @@ class LanguageModel(nn.Module):
         return sum(p.numel() for p in self.parameters() if id(p) not in skip)
 
     @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """Append ``max_new_tokens`` sampled tokens to ``idx`` (``B, T``), feeding at most the last
         ``block_size`` tokens back each step (no KV cache). ``temperature=0`` is greedy. Runs in eval
         mode and restores the previous mode."""
@@ -260,7 +275,7 @@ class LanguageModel(nn.Module):
         self.eval()
         try:
             for _ in range(max_new_tokens):
-                logits, _ = self(idx[:, -self.config.block_size:])
+                logits, _ = self(idx[:, -self.config.block_size :])
                 logits = logits[:, -1, :].float()
                 if temperature == 0:
                     nxt = logits.argmax(dim=-1, keepdim=True)

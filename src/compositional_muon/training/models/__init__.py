@@ -3,15 +3,29 @@ and :class:`MoR` (Mixture-of-Recursions). All share one attention implementation
 ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears and ``head_dim``/``num_heads``/``num_kv_heads``
 attributes, so :func:`compositional_muon.find_attention` discovers every attention layer.
 """
+
 from __future__ import annotations
 
 from .gpt import GPT, GPTConfig
-from .layers import BaseConfig, Block, CausalSelfAttention, LanguageModel, MLP
+from .layers import MLP, BaseConfig, Block, CausalSelfAttention, LanguageModel
 from .loopformer import LoopFormer, LoopFormerConfig
 from .mor import MoR, MoRConfig
 
-__all__ = ["GPT", "GPTConfig", "LoopFormer", "LoopFormerConfig", "MoR", "MoRConfig", "MODELS", "build_model",
-           "BaseConfig", "Block", "CausalSelfAttention", "LanguageModel", "MLP"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "LoopFormer",
+    "LoopFormerConfig",
+    "MoR",
+    "MoRConfig",
+    "MODELS",
+    "build_model",
+    "BaseConfig",
+    "Block",
+    "CausalSelfAttention",
+    "LanguageModel",
+    "MLP",
+]
 
 # name -> (model class, config class); the configs' defaults are the small defaults
 MODELS = {"gpt": (GPT, GPTConfig), "loopformer": (LoopFormer, LoopFormerConfig), "mor": (MoR, MoRConfig)}

@@ -1,4 +1,5 @@
 """GPT: a standard pre-norm decoder of ``n_layer`` blocks (RMSNorm, RoPE, GQA, ReLU^2 or GELU MLP)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ __all__ = ["GPTConfig", "GPT"]
 
 @dataclass
 class GPTConfig(BaseConfig):
-    """All fields are those of :class:`~compositional_muon.models.layers.BaseConfig`."""
+    """All fields are those of :class:`~compositional_muon.training.models.layers.BaseConfig`."""
 
 
 class GPT(LanguageModel):

@@ -8,6 +8,7 @@ shards, and :class:`TokenDataset` (train/val tensors, seeded random batches, res
   ``[20240520, 1, n_tokens, 0...]`` then ``n_tokens`` uint16 GPT-2 tokens); :func:`write_fineweb_shard`.
 * :func:`load_dataset`: one entry point for all of them.
 """
+
 from __future__ import annotations
 
 import array
@@ -20,9 +21,20 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["default_corpus", "load_text", "load_fineweb_shard", "load_fineweb", "write_fineweb_shard",
-           "get_tokenizer", "ByteTokenizer", "TiktokenTokenizer", "TokenDataset", "load_dataset",
-           "FINEWEB_MAGIC", "FINEWEB_VERSION"]
+__all__ = [
+    "default_corpus",
+    "load_text",
+    "load_fineweb_shard",
+    "load_fineweb",
+    "write_fineweb_shard",
+    "get_tokenizer",
+    "ByteTokenizer",
+    "TiktokenTokenizer",
+    "TokenDataset",
+    "load_dataset",
+    "FINEWEB_MAGIC",
+    "FINEWEB_VERSION",
+]
 
 FINEWEB_MAGIC = 20240520
 FINEWEB_VERSION = 1
@@ -34,6 +46,7 @@ _TOPIC_SEPARATOR = "\n\n"
 # ------------------------------------------------------------------------------------------------
 # Tokenizers
 # ------------------------------------------------------------------------------------------------
+
 
 class ByteTokenizer:
     """UTF-8 bytes as tokens (vocabulary 256)."""
@@ -57,15 +70,19 @@ class TiktokenTokenizer:
         try:
             import tiktoken
         except ImportError:
-            raise RuntimeError(f"tokenizer 'tiktoken:{encoding}' needs the tiktoken package: pip install tiktoken "
-                               "(it downloads the encoding on first use and caches it; set TIKTOKEN_CACHE_DIR to "
-                               "a folder holding the cached files to work offline)") from None
+            raise RuntimeError(
+                f"tokenizer 'tiktoken:{encoding}' needs the tiktoken package: pip install tiktoken "
+                "(it downloads the encoding on first use and caches it; set TIKTOKEN_CACHE_DIR to "
+                "a folder holding the cached files to work offline)"
+            ) from None
         try:
             self.enc = tiktoken.get_encoding(encoding)
         except Exception as e:  # unknown name, no network and no cache, ...
-            raise RuntimeError(f"tiktoken could not load the encoding {encoding!r} ({type(e).__name__}: {e}). "
-                               "Run once with network access, or point TIKTOKEN_CACHE_DIR at a folder with the "
-                               "cached encoding files") from None
+            raise RuntimeError(
+                f"tiktoken could not load the encoding {encoding!r} ({type(e).__name__}: {e}). "
+                "Run once with network access, or point TIKTOKEN_CACHE_DIR at a folder with the "
+                "cached encoding files"
+            ) from None
         self.name = f"tiktoken:{encoding}"
         self.vocab_size = self.enc.n_vocab
 
@@ -84,7 +101,7 @@ def get_tokenizer(spec: str = "bytes"):
     if spec == "bytes":
         return ByteTokenizer()
     if spec.startswith("tiktoken:") and len(spec) > len("tiktoken:"):
-        return TiktokenTokenizer(spec[len("tiktoken:"):])
+        return TiktokenTokenizer(spec[len("tiktoken:") :])
     raise ValueError(f"unknown tokenizer {spec!r}; use 'bytes' or 'tiktoken:<encoding>' (e.g. 'tiktoken:gpt2')")
 
 
@@ -98,6 +115,7 @@ def _as_list(tokens) -> list:
 # Corpora
 # ------------------------------------------------------------------------------------------------
 
+
 @functools.lru_cache(maxsize=1)
 def default_corpus() -> bytes:
     """CPython's reference documentation topics (``pydoc_data.topics.topics``) joined in sorted-key
@@ -105,8 +123,10 @@ def default_corpus() -> bytes:
     try:
         from pydoc_data.topics import topics
     except ImportError:  # some minimal Python builds drop pydoc_data
-        raise RuntimeError("the default corpus needs CPython's pydoc_data module, which this Python lacks; "
-                           "pass a text file, a folder of .txt files or FineWeb .bin shards instead") from None
+        raise RuntimeError(
+            "the default corpus needs CPython's pydoc_data module, which this Python lacks; "
+            "pass a text file, a folder of .txt files or FineWeb .bin shards instead"
+        ) from None
     return _TOPIC_SEPARATOR.join(topics[k] for k in sorted(topics)).encode("utf-8")
 
 
@@ -175,18 +195,29 @@ def load_fineweb_shard(path) -> torch.Tensor:
             raise ValueError(f"{str(p)!r}: file has {size} bytes, shorter than the {_HEADER_BYTES}-byte header")
         magic, version, n = struct.unpack("<3i", head[:12])
         if magic != FINEWEB_MAGIC:
-            raise ValueError(f"{str(p)!r}: bad magic number {magic} (expected {FINEWEB_MAGIC}); "
-                             "not a modded-nanogpt token shard")
+            raise ValueError(
+                f"{str(p)!r}: bad magic number {magic} (expected {FINEWEB_MAGIC}); not a modded-nanogpt token shard"
+            )
         if version != FINEWEB_VERSION:
             raise ValueError(f"{str(p)!r}: unsupported version {version} (expected {FINEWEB_VERSION})")
         if n < 0 or size != _HEADER_BYTES + 2 * n:
-            raise ValueError(f"{str(p)!r}: header says {n} tokens ({_HEADER_BYTES + 2 * max(n, 0)} bytes) but the "
-                             f"file has {size} bytes (truncated or corrupt)")
+            raise ValueError(
+                f"{str(p)!r}: header says {n} tokens ({_HEADER_BYTES + 2 * max(n, 0)} bytes) but the "
+                f"file has {size} bytes (truncated or corrupt)"
+            )
         buf = bytearray(f.read(2 * n))
     if n == 0:
         return torch.zeros(0, dtype=torch.int32)
     if sys.byteorder == "big":  # shards are little-endian
-        return torch.frombuffer(buf, dtype=torch.uint8).view(-1, 2).flip(-1).contiguous().view(torch.uint16).to(torch.int32).view(-1)
+        return (
+            torch.frombuffer(buf, dtype=torch.uint8)
+            .view(-1, 2)
+            .flip(-1)
+            .contiguous()
+            .view(torch.uint16)
+            .to(torch.int32)
+            .view(-1)
+        )
     return torch.frombuffer(buf, dtype=torch.uint16).to(torch.int32)
 
 
@@ -215,14 +246,23 @@ def load_fineweb(pattern, max_tokens: int | None = None) -> torch.Tensor:
 # Dataset
 # ------------------------------------------------------------------------------------------------
 
+
 class TokenDataset:
     """Train/val token tensors (val = the last ``val_fraction`` of the tokens) with random
     ``(x, y)`` batches. Each split draws from its own ``torch.Generator`` seeded from ``seed``, so
     evaluating never shifts the training batches; ``state_dict()``/``load_state_dict()`` save and
     restore both generators, and a resumed run draws exactly the same batches."""
 
-    def __init__(self, tokens: torch.Tensor, *, seed: int = 0, val_fraction: float = 0.1, tokenizer=None,
-                 vocab_size: int | None = None, name: str = ""):
+    def __init__(
+        self,
+        tokens: torch.Tensor,
+        *,
+        seed: int = 0,
+        val_fraction: float = 0.1,
+        tokenizer=None,
+        vocab_size: int | None = None,
+        name: str = "",
+    ):
         if not isinstance(tokens, torch.Tensor) or tokens.ndim != 1:
             raise TypeError("tokens must be a 1-D tensor of token ids")
         if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
@@ -237,12 +277,14 @@ class TokenDataset:
         self.vocab_size = int(vocab_size if vocab_size is not None else self.tokenizer.vocab_size)
         self.name, self.seed, self.val_fraction = name, seed, float(val_fraction)
         n_val = int(tokens.numel() * val_fraction)
-        self.train, self.val = tokens[: tokens.numel() - n_val], tokens[tokens.numel() - n_val:]
+        self.train, self.val = tokens[: tokens.numel() - n_val], tokens[tokens.numel() - n_val :]
         self._gens = {"train": torch.Generator().manual_seed(seed), "val": torch.Generator().manual_seed(seed + 1)}
 
     def __repr__(self):
-        return (f"TokenDataset({self.name!r}, train={self.train.numel()} tokens, val={self.val.numel()} tokens, "
-                f"vocab_size={self.vocab_size}, tokenizer={self.tokenizer.name!r})")
+        return (
+            f"TokenDataset({self.name!r}, train={self.train.numel()} tokens, val={self.val.numel()} tokens, "
+            f"vocab_size={self.vocab_size}, tokenizer={self.tokenizer.name!r})"
+        )
 
     def split(self, split: str) -> torch.Tensor:
         if split not in self._gens:
@@ -253,12 +295,14 @@ class TokenDataset:
         """ValueError when a split has fewer than ``block_size + 1`` tokens."""
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
             raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
-        for s in ([split] if split else ["train"] + (["val"] if self.val.numel() else [])):
+        for s in [split] if split else ["train"] + (["val"] if self.val.numel() else []):
             n = self.split(s).numel()
             if n < block_size + 1:
-                raise ValueError(f"the {s} split of {self.name or 'the corpus'} has {n} tokens, too few for "
-                                 f"block_size={block_size} (needs at least {block_size + 1}); use a smaller "
-                                 "block_size, a larger corpus or a smaller val_fraction")
+                raise ValueError(
+                    f"the {s} split of {self.name or 'the corpus'} has {n} tokens, too few for "
+                    f"block_size={block_size} (needs at least {block_size + 1}); use a smaller "
+                    "block_size, a larger corpus or a smaller val_fraction"
+                )
 
     def get_batch(self, split: str, batch_size: int, block_size: int, device=None):
         """``(x, y)``, both ``(batch_size, block_size)`` int64: random windows of the split, ``y`` the
@@ -279,8 +323,13 @@ class TokenDataset:
         return self.tokenizer.decode(tokens)
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "num_train_tokens": self.train.numel(), "num_val_tokens": self.val.numel(),
-                "train_generator": self._gens["train"].get_state(), "val_generator": self._gens["val"].get_state()}
+        return {
+            "seed": self.seed,
+            "num_train_tokens": self.train.numel(),
+            "num_val_tokens": self.val.numel(),
+            "train_generator": self._gens["train"].get_state(),
+            "val_generator": self._gens["val"].get_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore the generators; ValueError when the state comes from a dataset of different size."""
@@ -288,14 +337,23 @@ class TokenDataset:
             raise ValueError("not a TokenDataset state dict (needs 'train_generator' and 'val_generator')")
         for key, t in (("num_train_tokens", self.train), ("num_val_tokens", self.val)):
             if key in state and state[key] != t.numel():
-                raise ValueError(f"state dict has {key}={state[key]} but this dataset has {t.numel()}; "
-                                 "it was saved for different data")
+                raise ValueError(
+                    f"state dict has {key}={state[key]} but this dataset has {t.numel()}; "
+                    "it was saved for different data"
+                )
         self._gens["train"].set_state(state["train_generator"])
         self._gens["val"].set_state(state["val_generator"])
 
 
-def load_dataset(spec=None, *, seed: int = 0, val_fraction: float = 0.1, tokenizer: str = "bytes",
-                 block_size: int | None = None, max_tokens: int | None = None) -> TokenDataset:
+def load_dataset(
+    spec=None,
+    *,
+    seed: int = 0,
+    val_fraction: float = 0.1,
+    tokenizer: str = "bytes",
+    block_size: int | None = None,
+    max_tokens: int | None = None,
+) -> TokenDataset:
     """The dataset named by ``spec``:
 
     * ``None`` or ``"default"``: :func:`default_corpus`;
@@ -321,7 +379,9 @@ def load_dataset(spec=None, *, seed: int = 0, val_fraction: float = 0.1, tokeniz
         elif all(f.endswith(".txt") for f in files):
             kind = "txt-glob"
         else:
-            raise ValueError(f"{spec_s!r} matches a mix of files; a glob must match only .bin shards or only .txt files")
+            raise ValueError(
+                f"{spec_s!r} matches a mix of files; a glob must match only .bin shards or only .txt files"
+            )
     else:
         kind = "bin" if spec_s.endswith(".bin") else "text"
     if kind == "bin":

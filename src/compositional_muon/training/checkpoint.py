@@ -1,4 +1,5 @@
 """Atomic checkpoint files: written to a temporary file in the target's folder, then renamed."""
+
 from __future__ import annotations
 
 import os
@@ -36,11 +37,15 @@ def load_checkpoint(path: str) -> dict:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path!r} is a folder; pass the .pt file (e.g. {os.path.join(path, 'last.pt')})")
+        raise CheckpointError(
+            f"checkpoint {path!r} is a folder; pass the .pt file (e.g. {os.path.join(path, 'last.pt')})"
+        )
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # truncated, not a torch file, ...
         raise CheckpointError(f"checkpoint {path!r} is corrupt or not a checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(ck, dict) or "model" not in ck or "optimizer" not in ck:
-        raise CheckpointError(f"checkpoint {path!r} is not a training checkpoint of this library (no model/optimizer state)")
+        raise CheckpointError(
+            f"checkpoint {path!r} is not a training checkpoint of this library (no model/optimizer state)"
+        )
     return ck
