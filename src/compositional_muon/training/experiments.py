@@ -22,7 +22,7 @@ What is measured (all from the run's own ``metrics.jsonl``, except memory):
   fetch, forward, backward, optimizer step; evaluation excluded); tokens/s =
   ``batch_size * block_size / median step time``;
 * peak memory: on CUDA ``torch.cuda.max_memory_allocated``; on CPU the resident set size of this
-  process, read from ``/proc/self/statm`` every 5 ms by a background thread during the run:
+  process, read with psutil every 5 ms by a background thread during the run:
   ``peak_rss_mb`` (highest RSS seen) and ``peak_rss_delta_mb`` (that minus the RSS just before
   the run, measured after ``gc.collect()`` and glibc's ``malloc_trim(0)``), i.e. what the run's
   model, optimizer state, activations and data add on top of the interpreter and torch. Where
@@ -48,7 +48,7 @@ import time
 
 import torch
 
-from . import train
+from . import head_maps, memory, train
 from .models import MODELS, build_model
 from .recipes import DEFAULT_ADAMW_LR, DEFAULT_LR, OPTIMIZERS, build_optimizer
 
@@ -514,21 +514,11 @@ class MemorySampler:
 
     @staticmethod
     def _rss_mb():
-        try:
-            with open("/proc/self/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-        except (OSError, ValueError, IndexError, AttributeError):
-            return None
+        return memory.rss_mb()
 
     @staticmethod
     def _maxrss_mb():
-        try:
-            import resource
-
-            r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            return r / 2**20 if sys.platform == "darwin" else r / 2**10
-        except (ImportError, OSError):
-            return None
+        return memory.peak_rss_mb()
 
     def __enter__(self):
         gc.collect()
@@ -538,7 +528,7 @@ class MemorySampler:
             self.base_mb, self.method = torch.cuda.memory_allocated() / 2**20, "torch.cuda.max_memory_allocated"
         elif self._rss_mb() is not None:
             self.base_mb = self.peak_mb = self._rss_mb()
-            self.method = "rss (/proc/self/statm, sampled every 5 ms)"
+            self.method = "rss (psutil, sampled every 5 ms)"
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
         else:
@@ -919,6 +909,7 @@ def write_reports(out: str, cfg: dict, records: list, n_params: dict, meta: dict
     ]
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(head) + "\n" + markdown_tables(agg, cfg, n_params, pngs, names))
+        f.write(head_maps.report_section(out, records))
     return result
 
 

@@ -23,6 +23,7 @@ import time
 
 import torch
 
+from . import run_logs
 from .checkpoint import CheckpointError, load_checkpoint, save_atomic
 from .data import load_dataset
 from .models import MODELS, build_model
@@ -141,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dist", default="none", choices=("none", "ddp", "fsdp2"), help="under torchrun")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
+    run_logs.add_arguments(g)
     return p
 
 
@@ -212,37 +214,6 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class Progress:
-    """A one-line progress bar on a terminal, periodic lines otherwise."""
-
-    def __init__(self, total: int, quiet: bool, stream=sys.stderr):
-        self.total, self.quiet, self.stream = total, quiet, stream
-        self.tty = stream.isatty()
-        self.last_print = 0.0
-
-    def update(self, step: int, loss: float, tok_s: float, extra: str = "") -> None:
-        if self.quiet:
-            return
-        now = time.time()
-        if not self.tty and now - self.last_print < 10 and step not in (1, self.total):
-            return
-        self.last_print = now
-        width = 24
-        filled = int(width * step / max(1, self.total))
-        bar = "#" * filled + "." * (width - filled)
-        line = f"[{bar}] {step}/{self.total} loss {loss:.4f} {tok_s / 1000:.1f}k tok/s {extra}"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(100))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-    def newline(self) -> None:
-        if self.tty and not self.quiet:
-            self.stream.write("\n")
-            self.stream.flush()
-
-
 @torch.no_grad()
 def evaluate(model, data, args, device, dist=None) -> float:
     was = model.training
@@ -308,6 +279,7 @@ def run(args: argparse.Namespace) -> dict:
     for name in ("steps", "batch_size", "eval_iters"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+    run_logs.check_arguments(args)
     dist = _Dist(args, device)
     try:
         return _run(args, dist)
@@ -458,7 +430,8 @@ def _run(args, dist: _Dist) -> dict:
         for g in opt.param_groups:
             kinds[g.get("kind", "muon" if g.get("use_muon") else "adamw")] = len(g["params"])
         print("param groups: " + ", ".join(f"{k}: {v} tensors" for k, v in kinds.items()), file=sys.stderr)
-    progress = Progress(args.steps, args.quiet or not dist.main)
+    logs = run_logs.RunLogs(args, opt, main=dist.main, single_process=dist.mode == "none", resumed_step=step)
+    progress = logs.progress
     tokens_per_step = args.batch_size * args.block_size
     interrupted = paused = False
     old_term = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
@@ -482,6 +455,7 @@ def _run(args, dist: _Dist) -> dict:
                 if args.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
                 lr_now = opt.param_groups[0]["lr"]
+                logs.before_step(step + 1)
                 opt.step()
                 sched.step()
                 step += 1
@@ -499,6 +473,7 @@ def _run(args, dist: _Dist) -> dict:
                     rec["parts"] = {k: float(v) for k, v in model.last_losses.items()}
                 if step % args.eval_interval == 0 or step == args.steps:
                     rec["val_loss"] = dist.mean(evaluate(model, data, args, device, dist))
+                logs.after_step(rec)
                 mf.write(json.dumps(rec) + "\n")
                 mf.flush()
                 extra = f"val {rec['val_loss']:.4f}" if "val_loss" in rec else ""
@@ -527,6 +502,7 @@ def _run(args, dist: _Dist) -> dict:
         metrics=metrics_path,
         **_summarize(metrics_path),
     )
+    summary.update(logs.finish(f"{args.model} / {ocfg['name']}", plot=not args.no_plot))
     if interrupted or paused:
         summary["paused"] = paused
         return summary
