@@ -25,8 +25,8 @@ What is measured (all from the run's own ``metrics.jsonl``, except memory):
   process, read with psutil every 5 ms by a background thread during the run:
   ``peak_rss_mb`` (highest RSS seen) and ``peak_rss_delta_mb`` (that minus the RSS just before
   the run, measured after ``gc.collect()`` and glibc's ``malloc_trim(0)``), i.e. what the run's
-  model, optimizer state, activations and data add on top of the interpreter and torch. Where
-  ``/proc`` is missing it falls back to the growth of ``ru_maxrss``, which only counts a run that
+  model, optimizer state, activations and data add on top of the interpreter and torch. When
+  psutil is missing it falls back to the growth of ``ru_maxrss``, which only counts a run that
   raises the process's high-water mark.
 
 Configs are JSON (see ``compositional_muon/training/configs/seed003.json`` and ``docs/results.md``).
