@@ -191,5 +191,5 @@ def test_fsdp2_two_ranks_equal_one_process_and_dcp_resume():
         with open(os.path.join(outdir, f"rank{r}.json")) as f:
             res = json.load(f)
         assert res["ok"], res.get("error")
-        assert res["result"]["max_err"] < 1e-5, res  # float64 weights and msign
+        assert res["result"]["max_err"] < 1e-10, res  # float64 weights and msign (measured 3.7e-14)
         assert res["result"]["resume_err"] == 0.0, res
