@@ -28,12 +28,12 @@ class OptimizerChoice:
     are CM group options (``lam``, ``method``, ``msign_dtype``...; see CompositionalMuon)."""
 
     name: str = "cm"
-    lr: float = CM_DEFAULTS["lr"]
+    lr: float = float(CM_DEFAULTS["lr"])  # type: ignore[arg-type]
     muon_lr: float | None = None
     adamw_lr: float = 3e-4
     weight_decay: float = 0.0
     adamw_weight_decay: float = 0.0
-    momentum: float = CM_DEFAULTS["momentum"]
+    momentum: float = float(CM_DEFAULTS["momentum"])  # type: ignore[arg-type]
     adamw_betas: tuple[float, float] = (0.9, 0.95)
     options: dict[str, Any] = field(default_factory=dict)
 

@@ -126,5 +126,5 @@ class CausalLMModule(lightning.LightningModule):
         self.log("val_loss", loss, prog_bar=True)
         return loss
 
-    def configure_optimizers(self) -> dict[str, Any]:
+    def configure_optimizers(self) -> Any:
         return optimizer_config(self.model, self.optimizer_name, schedule=self.schedule, **self.optimizer_kwargs)
