@@ -1,6 +1,6 @@
 # The two set-up commands (see README): `make demo` trains the demo, `make test` runs the suite.
 # Both create .venv on first use (scripts/bootstrap.sh picks the CPU torch build without a GPU).
-.PHONY: demo test bench experiments
+.PHONY: demo test bench experiments lint
 
 demo:
 	scripts/bootstrap.sh train
@@ -17,3 +17,11 @@ bench:
 experiments:
 	scripts/bootstrap.sh train
 	.venv/bin/python -m compositional_muon.experiments
+
+# ruff (lint + format check), mypy (config in pyproject.toml) and the layout rules (scripts/check_layout.py)
+lint:
+	scripts/bootstrap.sh lint
+	.venv/bin/ruff check src tests bench scripts
+	.venv/bin/ruff format --check src tests bench scripts
+	.venv/bin/mypy
+	.venv/bin/python scripts/check_layout.py

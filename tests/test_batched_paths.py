@@ -111,7 +111,8 @@ def kernel_inputs(L, H, hkv, d=4, D=12, seed=0):
 def test_layer_stacked_kernel_equals_per_layer(kw, H, hkv):
     if kw.get("method") == "joint" and kw.get("hybrid") and H != hkv:
         pytest.skip("joint + hybrid needs H == Hkv")
-    cfg = CMConfig(msign_backend="polar_express", msign_dtype=F64, msign_steps=12, **kw)
+    # hybrid=False unless the variant says so (CMConfig's default is the reference's hybrid=True)
+    cfg = CMConfig(msign_backend="polar_express", msign_dtype=F64, msign_steps=12, **{"hybrid": False, **kw})
     A, B, Ua, Ub = kernel_inputs(3, H, hkv)
     dA, dB = pair_update(A, B, Ua, Ub, 0.1, cfg)
     for layer in range(3):
@@ -125,7 +126,7 @@ def test_layer_stacked_kernel_equals_per_layer(kw, H, hkv):
 def test_per_head_kernel_equals_one_head_at_a_time():
     # hybrid=False, MHA: every (A_h, B_h) pair is independent, so the kernel on H heads must equal
     # the kernel on each single-head slice (the batched msign over [A heads | B heads] included).
-    cfg = CMConfig(msign_backend="polar_express", msign_dtype=F64)
+    cfg = CMConfig(msign_backend="polar_express", msign_dtype=F64, hybrid=False)
     A, B, Ua, Ub = kernel_inputs(2, 3, 3, seed=4)
     dA, dB = pair_update(A, B, Ua, Ub, 0.2, cfg)
     for h in range(3):

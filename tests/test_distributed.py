@@ -304,7 +304,7 @@ def sc_qk_comm(rank, world, cfg):
         for fn, f in originals.items():
             setattr(dist, fn, f)
     return dict(
-        paths=sorted({it["path"] for it in plan}),
+        paths=sorted({it.path for it in plan}),
         qk_bytes=counter.total("cm."),
         tags=counter.by_tag(),
         calls=calls,

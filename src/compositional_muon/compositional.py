@@ -13,38 +13,32 @@ kernel call (see ``cm.pair_update``).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
-from . import distributed as _dist
-from .adamw import adamw_step
-from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, head_view, route_parameters
-from .cm import CMConfig, NonFiniteError, all_finite, apply_update, cm_momentum, normalize_head_rows, pair_update
+from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, route_parameters
+from .cm import CMConfig, apply_update, normalize_head_rows
+from .cm.kernel import ZTransform
 from .diagnostics import pair_stats
+from .finite import NonFiniteError, all_finite
 from .muon import Muon
-from .routing import RoutedOptimizer
+from .parallel import CMGroupStep, is_dtensor
+from .plan import HeadRef, PairBatch, PairEntry, PairLayout, check_checkpoint_layout
 
 __all__ = ["CompositionalMuon"]
 
 KINDS = ("cm", "muon", "adamw")
-CM_DEFAULTS = dict(
+# CM's variant switches come from CMConfig (one set of defaults); the rest are the group's own.
+# root_iters stays a CMConfig-only option (groups use its default).
+CM_DEFAULTS: dict[str, Any] = dict(
     lr=0.02,
     momentum=0.95,
     nesterov=False,
     weight_decay=0.0,
-    lam=1e-2,
-    method="half_split",
-    isotropic=False,
-    hybrid=True,
-    whitening="both",
-    connection="none",
+    **{f.name: f.default for f in dataclasses.fields(CMConfig) if f.name != "root_iters"},
     momentum_reproject=False,
-    per_mat_renorm=False,
-    msign_backend="polar_express",
-    msign_steps=None,
-    msign_dtype=None,
-    root_method="auto",
     transform="none",
     transform_beta2=0.95,
     transform_eps=1e-8,
@@ -57,23 +51,15 @@ _NEWTON_REFUSAL = (
     "the same side with no single steepest-descent problem behind them. Use NewtonMuon for the Muon "
     "matrices and CM (transform='none' or 'normuon') for attention; see docs/variants.md."
 )
-_CM_CFG_KEYS = (
-    "method",
-    "isotropic",
-    "hybrid",
-    "whitening",
-    "connection",
-    "per_mat_renorm",
-    "lam",
-    "msign_backend",
-    "msign_steps",
-    "msign_dtype",
-    "root_method",
-)
 
 
 def _cfg(group: dict) -> CMConfig:
-    return CMConfig(**{k: group[k] for k in _CM_CFG_KEYS})
+    return CMConfig.from_options(group)
+
+
+def pair_layouts(group: dict) -> list[PairLayout]:
+    """The typed layouts of a CM group's pairs (stored as dicts in the group for checkpoints)."""
+    return [PairLayout.from_dict(p) for p in group["cm_pairs"]]
 
 
 class CompositionalMuon(Muon):
@@ -101,7 +87,8 @@ class CompositionalMuon(Muon):
         self.track_stats = track_stats
         self.last_stats: dict = {}
         self.routing: list = []
-        RoutedOptimizer.__init__(self, param_groups, None, nonfinite=nonfinite, distributed=distributed)
+        self._names: dict[int, str] = {}
+        super().__init__(param_groups, nonfinite=nonfinite, distributed=distributed)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -238,14 +225,16 @@ class CompositionalMuon(Muon):
                 )
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
-        RoutedOptimizer._validate_group(self, group)
-        torch.optim.Optimizer.add_param_group(self, group)
+        self._validate_base(group)
+        self._register_group(group)
         self._check_pairs(group)
 
     @staticmethod
-    def _serialize(specs):
-        """AttentionSpecs -> (unique params, pair dicts referencing them by index)."""
-        params, index, pairs = [], {}, []
+    def _serialize(specs) -> tuple[list[torch.Tensor], list[dict[str, Any]]]:
+        """AttentionSpecs -> (unique params, serialized :class:`PairLayout` s referencing them by index)."""
+        params: list[torch.Tensor] = []
+        index: dict[int, int] = {}
+        pairs = []
         for spec in specs:
             if not isinstance(spec, AttentionSpec):
                 raise TypeError(f"`attention` must hold AttentionSpec objects, got {type(spec).__name__}")
@@ -256,60 +245,23 @@ class CompositionalMuon(Muon):
                     if id(hs.param) not in index:
                         index[id(hs.param)] = len(params)
                         params.append(hs.param)
-                    refs.append([index[id(hs.param)], axis, offset, stride])
-                pairs.append(
-                    dict(
-                        name=f"{spec.name}.{kind}",
-                        kind=kind,
-                        head_dim=spec.head_dim,
-                        num_heads=spec.num_heads,
-                        num_kv_heads=spec.num_kv_heads,
-                        a=refs[0],
-                        b=refs[1],
-                    )
+                    refs.append(HeadRef(index[id(hs.param)], axis, offset, stride))
+                layout = PairLayout(
+                    f"{spec.name}.{kind}", kind, spec.head_dim, spec.num_heads, spec.num_kv_heads, refs[0], refs[1]
                 )
+                pairs.append(layout.to_dict())
         return params, pairs
 
-    def _check_pairs(self, group) -> None:
+    def _check_pairs(self, group: dict) -> None:
         n = len(group["params"])
-        for pair in group["cm_pairs"]:
-            for ref in (pair["a"], pair["b"]):
-                if not 0 <= ref[0] < n:
-                    raise ValueError(f"CM pair {pair['name']!r} refers to parameter {ref[0]} of a group of {n}")
+        for pair in pair_layouts(group):
+            for ref in (pair.a, pair.b):
+                if not 0 <= ref.index < n:
+                    raise ValueError(f"CM pair {pair.name!r} refers to parameter {ref.index} of a group of {n}")
 
     # -- checkpoints ------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
-        saved = state_dict.get("param_groups", [])
-        if len(saved) != len(self.param_groups):
-            raise ValueError(
-                f"optimizer/model mismatch: the checkpoint has {len(saved)} param groups, "
-                f"this optimizer has {len(self.param_groups)}"
-            )
-        for i, (s, g) in enumerate(zip(saved, self.param_groups)):
-            if s.get("kind") != g["kind"]:
-                raise ValueError(
-                    f"optimizer/model mismatch: param group {i} is {s.get('kind')!r} in the checkpoint "
-                    f"but {g['kind']!r} here"
-                )
-            if g["kind"] == "cm" and s.get("cm_pairs") != g["cm_pairs"]:
-                raise ValueError(
-                    f"optimizer/model mismatch: the attention layout of param group {i} differs from "
-                    "the checkpoint's (different model or head counts)"
-                )
-        by_index = {}
-        idx = 0
-        for g in self.param_groups:
-            for p in g["params"]:
-                by_index[idx] = p
-                idx += 1
-        for k, st in state_dict.get("state", {}).items():
-            p = by_index.get(k)
-            for name, v in st.items():
-                if p is not None and isinstance(v, torch.Tensor) and v.ndim and v.shape != p.shape:
-                    raise ValueError(
-                        f"optimizer/model mismatch: state {name!r} of parameter {k} has shape "
-                        f"{tuple(v.shape)}, the parameter has {tuple(p.shape)}"
-                    )
+        check_checkpoint_layout(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
 
     # -- step -------------------------------------------------------------------------------------
@@ -322,177 +274,88 @@ class CompositionalMuon(Muon):
         # (a singular partner with lam=0) leaves parameters and state untouched.
         plans = [(g, self._cm_plan(g)) for g in self.param_groups if g["kind"] == "cm"]
         for g, plan in plans:
-            for item in plan:
-                # "finite" is set (agreed across ranks) by the FSDP2 path
-                if not (item["finite"] if "finite" in item else all_finite(item["dA"], item["dB"])):
+            for batch in plan:
+                # `finite` is set (agreed across ranks) by the sharded strategies
+                if not (batch.finite if batch.finite is not None else all_finite(batch.dA, batch.dB)):
                     raise NonFiniteError(
-                        f"the CM update of {item['names']} is not finite (singular partner Gram "
+                        f"the CM update of {batch.names} is not finite (singular partner Gram "
                         f"with lam={g['lam']}?); nothing was written"
                     )
-        stats = {}
+        stats: dict = {}
         for g, plan in plans:
             self._cm_apply(g, plan, stats)
         self.last_stats = stats
-        for group in self.param_groups:
-            if group["kind"] == "cm":
-                continue
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if group["use_muon"]:
-                self._matrix_step(group, params)
-            else:
-                adamw_step(
-                    params,
-                    [p.grad for p in params],
-                    [self.state[p] for p in params],
-                    lr=float(group["lr"]),
-                    betas=group["betas"],
-                    eps=group["eps"],
-                    weight_decay=group["weight_decay"],
-                )
+        self._step_groups([g for g in self.param_groups if g["kind"] != "cm"])
         return loss
 
-    def _cm_plan(self, group: dict) -> list:
-        cfg = _cfg(group)
+    def _cm_plan(self, group: dict) -> list[PairBatch]:
+        """The group's CM updates (nothing written), computed by the strategy ``self.parallel`` picks."""
         params = group["params"]
         for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            self._state_buffer(p, "momentum_buffer")
         normuon = group["transform"] == "normuon"
-        if any(_dist.is_dtensor(p) for p in params):  # FSDP2 / DTensor parameters
-            if normuon:
+        if normuon:
+            if any(is_dtensor(p) for p in params):
                 raise ValueError(
                     "transform='normuon' is not supported for DTensor (FSDP2) parameters; use transform='none' there"
                 )
-            return _dist.sharded_cm_plan(self, group, cfg)
-        if normuon:
             for p in params:
                 # per head-channel second moments, stored broadcast along the model dim so the
                 # same head views (fused / transposed layouts) address them
-                if "head_moment" not in self.state[p]:
-                    self.state[p]["head_moment"] = torch.zeros_like(
-                        p, dtype=torch.promote_types(p.dtype, torch.float32), memory_format=torch.preserve_format
-                    )
-        # DDP: split the layers among the ranks (the normuon transform's state is computed everywhere)
-        spread = None if normuon else _dist.replicated_group(self)
-        buckets: dict = {}
-        for pair in group["cm_pairs"]:
-            pa, pb = params[pair["a"][0]], params[pair["b"][0]]
-            if pa.grad is None or pb.grad is None:
-                continue  # a pair with a missing gradient is skipped whole
-            d, H, hkv = pair["head_dim"], pair["num_heads"], pair["num_kv_heads"]
-
-            def views(t_a, t_b, pair=pair, d=d, H=H, hkv=hkv):
-                return (head_view(t_a, *pair["a"][1:], H, d), head_view(t_b, *pair["b"][1:], hkv, d))
-
-            A, B = views(pa, pb)
-            key = (pair["kind"], tuple(A.shape), tuple(B.shape), pa.dtype, pb.dtype)
-            buckets.setdefault(key, []).append(
-                dict(
-                    name=pair["name"],
-                    w=(A, B),
-                    g=views(pa.grad, pb.grad),
-                    m=views(self.state[pa]["momentum_buffer"], self.state[pb]["momentum_buffer"]),
-                    v=views(self.state[pa]["head_moment"], self.state[pb]["head_moment"]) if normuon else None,
-                )
-            )
-        plan = []
-        for key, items in buckets.items():
-            stack = [torch.stack([it[f][i] for it in items]) for f in ("w", "g", "m") for i in (0, 1)]
-            A, B, ga, gb, ma, mb = stack
-            new_ma, new_mb, ua, ub = cm_momentum(
-                A,
-                B,
-                ga,
-                gb,
-                ma,
-                mb,
-                beta=group["momentum"],
-                nesterov=group["nesterov"],
-                momentum_reproject=group["momentum_reproject"],
-                cfg=cfg,
-            )
-            # `hybrid` is an OV option: QK's A factor (W_q) is always per head.
-            pair_cfg = cfg if key[0] == "ov" else dataclasses.replace(cfg, hybrid=False)
-            if spread is not None:
-                plan.append(
-                    dict(
-                        items=items,
-                        names=[it["name"] for it in items],
-                        A=A,
-                        B=B,
-                        ua=ua,
-                        ub=ub,
-                        cfg=pair_cfg,
-                        new_ma=new_ma,
-                        new_mb=new_mb,
-                        kind=key[0],
-                    )
-                )
-                continue
-            moments: dict = {}
-            zt = None
-            if normuon:
-                if pair_cfg.root_method == "auto":  # the symmetric root: rows are defined in its basis
-                    pair_cfg = dataclasses.replace(pair_cfg, root_method="eigh" if A.device.type == "cpu" else "newton")
-                zt = self._normuon_transform(group, items, pair_cfg, moments)
-            dA, dB = pair_update(A, B, ua, ub, float(group["lr"]), pair_cfg, z_transform=zt)
-            plan.append(
-                dict(
-                    items=items,
-                    names=[it["name"] for it in items],
-                    A=A,
-                    B=B,
-                    dA=dA,
-                    dB=dB,
-                    new_ma=new_ma,
-                    new_mb=new_mb,
-                    kind=key[0],
-                    **moments,
-                )
-            )
-        if spread is not None and plan:
-            _dist.spread_pair_updates(plan, float(group["lr"]), spread)
-        return plan
+                self._state_buffer(p, "head_moment", dtype=torch.promote_types(p.dtype, torch.float32))
+        step = CMGroupStep(
+            group=group,
+            cfg=_cfg(group),
+            pairs=pair_layouts(group),
+            params=params,
+            state=self.state,
+            transform=self._normuon_transform(group) if normuon else None,
+            warn=self._warn_once,
+        )
+        return self.parallel.cm_group(step)
 
     @staticmethod
-    def _normuon_transform(group: dict, items: list, cfg: CMConfig, out: dict):
-        """The ``z_transform`` of :func:`cm.pair_update` for ``transform="normuon"``: reads the
-        stacked head-channel moments of ``items`` and leaves the new ones in ``out``."""
-        va = torch.stack([it["v"][0][..., :1] for it in items])  # (L, H, d, 1)
-        vb = torch.stack([it["v"][1][..., :1] for it in items])  # (L, Hkv, d, 1)
+    def _normuon_transform(group: dict):
+        """The factory of :func:`cm.pair_update`'s ``z_transform`` for ``transform="normuon"``: reads
+        the stacked head-channel moments of a batch's entries and leaves the new ones in ``out``."""
         beta2, eps = group["transform_beta2"], group["transform_eps"]
 
-        def transform(Za, Zb):
-            L, hkv, G = Za.shape[:3]
-            za, new_va = normalize_head_rows(
-                Za, va.reshape(L, hkv, G, *va.shape[-2:]), beta2, eps, unit_dims=2 if cfg.hybrid else 0
-            )
-            zb, new_vb = normalize_head_rows(Zb, vb.unsqueeze(2), beta2, eps)
-            out["new_va"], out["new_vb"] = new_va.flatten(1, 2), new_vb.squeeze(2)
-            return za, zb
+        def factory(entries: list[PairEntry], cfg: CMConfig, out: dict) -> ZTransform:
+            va = torch.stack([e.v[0][..., :1] for e in entries if e.v is not None])  # (L, H, d, 1)
+            vb = torch.stack([e.v[1][..., :1] for e in entries if e.v is not None])  # (L, Hkv, d, 1)
 
-        return transform
+            def transform(Za: torch.Tensor, Zb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                L, hkv, G = Za.shape[:3]
+                za, new_va = normalize_head_rows(
+                    Za, va.reshape(L, hkv, G, *va.shape[-2:]), beta2, eps, unit_dims=2 if cfg.hybrid else 0
+                )
+                zb, new_vb = normalize_head_rows(Zb, vb.unsqueeze(2), beta2, eps)
+                out["new_va"], out["new_vb"] = new_va.flatten(1, 2), new_vb.squeeze(2)
+                return za, zb
 
-    def _cm_apply(self, group: dict, plan: list, stats: dict) -> None:
+            return transform
+
+        return factory
+
+    def _cm_apply(self, group: dict, plan: list[PairBatch], stats: dict) -> None:
         decay = float(group["lr"]) * group["weight_decay"]
-        for item in plan:
-            if "apply" in item:  # FSDP2 gather fallback: writes this rank's rows of the pair's heads
-                item["apply"](decay)
+        for batch in plan:
+            if batch.apply is not None:  # FSDP2 gather fallback: writes this rank's rows of the pair's heads
+                batch.apply(decay)
                 continue
-            for i, it in enumerate(item["items"]):
-                it["m"][0].copy_(item["new_ma"][i])
-                it["m"][1].copy_(item["new_mb"][i])
-                if "new_va" in item:
-                    it["v"][0].copy_(item["new_va"][i].expand_as(it["v"][0]))
-                    it["v"][1].copy_(item["new_vb"][i].expand_as(it["v"][1]))
-                apply_update(it["w"][0], item["dA"][i], decay)
-                apply_update(it["w"][1], item["dB"][i], decay)
-            if self.track_stats and item.get("stats", True):
-                s = pair_stats(item["A"], item["B"], item["dA"], item["dB"], item["kind"])
-                for i, name in enumerate(item["names"]):
+            if batch.dA is None or batch.dB is None:
+                raise RuntimeError(f"the CM update of {batch.names} was not computed")
+            for i, e in enumerate(batch.entries):
+                e.m[0].copy_(batch.new_ma[i])
+                e.m[1].copy_(batch.new_mb[i])
+                if batch.new_va is not None and batch.new_vb is not None and e.v is not None:
+                    e.v[0].copy_(batch.new_va[i].expand_as(e.v[0]))
+                    e.v[1].copy_(batch.new_vb[i].expand_as(e.v[1]))
+                apply_update(e.w[0], batch.dA[i], decay)
+                apply_update(e.w[1], batch.dB[i], decay)
+            if self.track_stats and batch.stats:
+                s = pair_stats(batch.A, batch.B, batch.dA, batch.dB, batch.kind)
+                for i, name in enumerate(batch.names):
                     stats[name] = {k: v[i] for k, v in s.items()}
 
     # -- reporting --------------------------------------------------------------------------------
@@ -506,10 +369,10 @@ class CompositionalMuon(Muon):
                     f"{k}={g[k]}" for k in ("method", "isotropic", "hybrid", "whitening", "connection", "lam") if k in g
                 )
                 lines.append(f"  {opts}")
-                for pair in g["cm_pairs"]:
+                for pair in pair_layouts(g):
                     lines.append(
-                        f"  {pair['name']:<40} {pair['kind']}  heads={pair['num_heads']}"
-                        f" kv_heads={pair['num_kv_heads']} head_dim={pair['head_dim']}"
+                        f"  {pair.name:<40} {pair.kind}  heads={pair.num_heads}"
+                        f" kv_heads={pair.num_kv_heads} head_dim={pair.head_dim}"
                     )
             names = getattr(self, "_names", {})
             for p in g["params"]:

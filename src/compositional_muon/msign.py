@@ -25,6 +25,8 @@ float32 otherwise: a CPU without native bf16 runs a bf16 matmul 15-50x slower th
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -38,6 +40,10 @@ __all__ = [
     "BACKENDS",
     "NS_COEFFS",
     "POLAR_EXPRESS_COEFFS",
+    "DEFAULT_STEPS",
+    "MSIGN_EPS",
+    "PolySchedule",
+    "msign_schedule",
 ]
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -60,8 +66,38 @@ POLAR_EXPRESS_COEFFS = tuple((a / _PE_SAFETY, b / _PE_SAFETY**3, c / _PE_SAFETY*
 )
 
 BACKENDS = ("polar_express", "newton_schulz", "svd")
-_DEFAULT_STEPS = {"polar_express": 8, "newton_schulz": 5}
-_EPS = 1e-7
+DEFAULT_STEPS = {"polar_express": 8, "newton_schulz": 5}
+MSIGN_EPS = 1e-7  # added to the scaled norm before dividing: msign(0) = 0
+
+
+@dataclass(frozen=True)
+class PolySchedule:
+    """The step schedule of an iterative msign backend: the input is divided by
+    ``norm_scale * ||X||_F + MSIGN_EPS``, then each ``(a, b, c)`` in ``coeffs`` maps
+    ``y <- (a I + b A + c A^2) y`` with ``A = y y^T`` (the odd quintic ``a x + b x^3 + c x^5`` on
+    the singular values). Every path that runs these iterations (``msign``, the Gram-form
+    ``parallel.gram_msign``) takes its schedule from :func:`msign_schedule`."""
+
+    coeffs: tuple[tuple[float, float, float], ...]
+    norm_scale: float
+
+
+def msign_schedule(backend: str, steps: int | None = None) -> PolySchedule:
+    """The :class:`PolySchedule` of ``backend`` ("newton_schulz" or "polar_express") with ``steps``
+    steps (None: :data:`DEFAULT_STEPS`). Polar Express beyond its tabulated steps repeats its last
+    (limit) step. Raises ValueError for an unknown backend, "svd" (not iterative) or ``steps < 1``."""
+    if backend not in DEFAULT_STEPS:
+        raise ValueError(
+            f"no polynomial schedule for msign backend {backend!r}; expected one of {tuple(DEFAULT_STEPS)}"
+        )
+    n = DEFAULT_STEPS[backend] if steps is None else int(steps)
+    if n < 1:
+        raise ValueError(f"msign `steps` must be >= 1, got {steps}")
+    if backend == "newton_schulz":
+        return PolySchedule((NS_COEFFS,) * n, 1.0)
+    pe = POLAR_EXPRESS_COEFFS
+    return PolySchedule(tuple(pe[:n]) + (pe[-1],) * (n - len(pe[:n])), _PE_SAFETY)
+
 
 # ``dtype=None`` -> a working precision per device type (see default_msign_dtype).
 DTYPE_ENV = "COMPOSITIONAL_MUON_MSIGN_DTYPE"
@@ -130,18 +166,24 @@ def _check(x: torch.Tensor) -> None:
 def newton_schulz(x: torch.Tensor, steps: int = 5, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximate ``msign(x)`` with ``steps`` iterations of the fixed quintic (3.4445, -4.7750, 2.0315)."""
     _check(x)
-    return _polynomial_msign(x, [NS_COEFFS] * steps, dtype, 1.0)
+    if steps < 1:
+        raise ValueError("msign needs at least one iteration step")
+    sched = msign_schedule("newton_schulz", steps)
+    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale)
 
 
 def polar_express(x: torch.Tensor, steps: int = 8, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximate ``msign(x)`` with ``steps`` Polar Express quintics (schedule extended by its last step)."""
     _check(x)
-    coeffs = list(POLAR_EXPRESS_COEFFS[:steps])
-    coeffs += [POLAR_EXPRESS_COEFFS[-1]] * (steps - len(coeffs))
-    return _polynomial_msign(x, coeffs, dtype, _PE_SAFETY)
+    if steps < 1:
+        raise ValueError("msign needs at least one iteration step")
+    sched = msign_schedule("polar_express", steps)
+    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale)
 
 
-def _polynomial_msign(x: torch.Tensor, coeffs, dtype: torch.dtype, norm_scale: float) -> torch.Tensor:
+def _polynomial_msign(
+    x: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], dtype: torch.dtype, norm_scale: float
+) -> torch.Tensor:
     if len(coeffs) < 1:
         raise ValueError("msign needs at least one iteration step")
     out_dtype = x.dtype
@@ -155,7 +197,7 @@ def _polynomial_msign(x: torch.Tensor, coeffs, dtype: torch.dtype, norm_scale: f
     # y <- (a I + b A + c A^2) y with A = y y^T: the polynomial is formed on the small m x m side
     # (one GEMM-with-bias and a diagonal add), so the m x n iterate sees two GEMMs and no
     # elementwise pass or copy.
-    y = (y.to(acc) / (norm * norm_scale + _EPS)).to(dtype).contiguous()
+    y = (y.to(acc) / (norm * norm_scale + MSIGN_EPS)).to(dtype).contiguous()
     y = y.flatten(0, -3) if y.ndim > 2 else y.unsqueeze(0)
     for a, b, c in coeffs:
         A = torch.bmm(y, y.mT)
@@ -195,9 +237,9 @@ def msign(
         if steps is not None:
             raise ValueError("backend='svd' is exact and takes no `steps`")
         return svd_polar(x)
-    if backend not in _DEFAULT_STEPS:
+    if backend not in DEFAULT_STEPS:
         raise ValueError(f"unknown msign backend {backend!r}; expected one of {BACKENDS}")
-    n = _DEFAULT_STEPS[backend] if steps is None else int(steps)
+    n = DEFAULT_STEPS[backend] if steps is None else int(steps)
     if n < 1:
         raise ValueError(f"msign `steps` must be >= 1, got {steps}")
     work = default_msign_dtype(x.device) if dtype is None else dtype

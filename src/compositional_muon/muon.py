@@ -15,12 +15,11 @@ Rows/cols are those of the 2-D (flattened) matrix.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
-from . import distributed as _dist
 from .msign import BACKENDS, msign
+from .ops import decoupled_add
 from .routing import RoutedOptimizer
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_momentum", "shape_scale", "ADJUST_LR_FNS"]
@@ -122,25 +121,21 @@ class Muon(RoutedOptimizer):
         if group["backend"] not in BACKENDS:
             raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
         k = group["ns_steps"]
-        if isinstance(k, bool) or not isinstance(k, numbers.Real) or not 1 <= k < math.inf or k != int(k):
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 1 <= k < math.inf or k != int(k):
             raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
 
     def _directions(self, group: dict, params: list) -> list:
         """Momentum step for each param; returns the 2-D directions to orthogonalize."""
         out = []
         for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            out.append(as_matrix(muon_momentum(st["momentum_buffer"], p.grad, group["momentum"], group["nesterov"])))
+            buf = self._state_buffer(p, "momentum_buffer")
+            out.append(as_matrix(muon_momentum(buf, p.grad, group["momentum"], group["nesterov"])))
         return out
 
     def _orthogonalize(self, group: dict, dirs: list) -> list:
-        """msign of every direction (distributed when the directions are DTensors or the work is
-        spread over DDP ranks, see :func:`distributed.orthogonalize`)."""
-        if _dist.wants_distributed(self, dirs):
-            return _dist.orthogonalize(self, group, dirs)
-        return self._orthogonalize_local(group, dirs)
+        """msign of every direction, through the strategy ``self.parallel`` picks for each (spread
+        over DDP ranks, owner ranks for FSDP2 shards, or this process)."""
+        return self.parallel.matrices(dirs, lambda mats: self._orthogonalize_local(group, mats))
 
     def _orthogonalize_local(self, group: dict, dirs: list) -> list:
         """msign of every direction; same-shape, same-dtype matrices share one batched call."""
@@ -162,9 +157,7 @@ class Muon(RoutedOptimizer):
         zs = self._orthogonalize(group, self._directions(group, params))
         for p, z in zip(params, zs):
             scale = shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(z.reshape(p.shape).to(p.dtype), alpha=-lr * scale)
+            decoupled_add(p, z.reshape(p.shape), lr * wd, alpha=-lr * scale)
 
 
 class MuonWithAuxAdam(Muon):
@@ -182,4 +175,4 @@ class MuonWithAuxAdam(Muon):
     require_use_muon = True
 
     def __init__(self, param_groups, *, nonfinite: str = "raise", distributed="auto"):
-        RoutedOptimizer.__init__(self, param_groups, None, nonfinite=nonfinite, distributed=distributed)
+        super().__init__(param_groups, nonfinite=nonfinite, distributed=distributed)

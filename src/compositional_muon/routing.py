@@ -9,18 +9,20 @@ counted in each group's ``"skipped_steps"``), before anything is written.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from . import distributed as _dist
 from .adamw import ADAMW_DEFAULTS, adamw_step
-from .cm import NonFiniteError, finite_flags
+from .finite import NonFiniteError, finite_flags
+from .parallel import Parallel, is_dtensor
 
 __all__ = ["RoutedOptimizer", "check_grads", "NonFiniteError"]
 
 _NONFINITE = ("raise", "skip")
 
 
-def check_grads(param_groups) -> bool:
+def check_grads(param_groups, parallel: Parallel | None = None) -> bool:
     """Raise ``TypeError`` for sparse/complex grads; return whether every grad is finite.
 
     With DTensor (FSDP2) gradients each rank checks its shards and the verdict is agreed across
@@ -37,12 +39,13 @@ def check_grads(param_groups) -> bool:
                 raise TypeError(f"{where} has a sparse gradient; this optimizer needs dense gradients")
             if g.is_complex() or p.is_complex():
                 raise TypeError(f"{where} is complex; this optimizer supports real parameters only")
-            if _dist.is_dtensor(g):
+            if is_dtensor(g):
                 sharded.append(g)
                 g = g.to_local()
             grads.append(g)
     if sharded:
-        return _dist.grads_finite(list(finite_flags(grads).unbind(0)), _dist.dtensor_groups(sharded), sharded[0].device)
+        parallel = parallel if parallel is not None else Parallel()
+        return parallel.agree_finite(list(finite_flags(grads).unbind(0)), sharded, sharded[0].device)
     return not grads or bool(finite_flags(grads).all())
 
 
@@ -63,12 +66,11 @@ class RoutedOptimizer(torch.optim.Optimizer):
     def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "raise", distributed="auto"):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected one of {_NONFINITE}")
-        if not (isinstance(distributed, bool) or distributed == "auto"):
-            raise ValueError(f"`distributed` must be 'auto', True or False, got {distributed!r}")
         self.nonfinite = nonfinite
-        # "auto": spread the msign work of replicated (DDP) parameters over the ranks when
-        # torch.distributed is initialized; False: never (see distributed.py). DTensor (FSDP2)
-        # parameters always take the shard-aware path.
+        # How work is spread over processes (see compositional_muon.parallel): "auto" spreads the
+        # msign work of replicated (DDP) parameters when torch.distributed is initialized; False
+        # never; DTensor (FSDP2) parameters always take the shard-aware strategies.
+        self.parallel = Parallel(distributed, type(self).__name__)
         self.distributed = distributed
         self._matrix_defaults = {**self.matrix_defaults, **(defaults or {})}
         # torch.optim.Optimizer needs a defaults dict; schedulers such as OneCycleLR look for
@@ -101,9 +103,17 @@ class RoutedOptimizer(torch.optim.Optimizer):
                         f"{tuple(p.shape)}. Put 0-D/1-D parameters (gains, biases) in a use_muon=False (AdamW) group"
                     )
         self._validate_group(group)
-        super().add_param_group(group)
+        self._register_group(group)
+
+    def _register_group(self, group: dict) -> None:
+        """Hand a complete, validated group to ``torch.optim.Optimizer``."""
+        torch.optim.Optimizer.add_param_group(self, group)
 
     def _validate_group(self, group: dict) -> None:
+        self._validate_base(group)
+
+    def _validate_base(self, group: dict) -> None:
+        """The checks every group of every optimizer gets (learning rate, weight decay, AdamW's)."""
         lr, wd = group.get("lr"), group.get("weight_decay", 0.0)
         # `not x >= 0` (rather than `x < 0`) also rejects NaN, as torch.optim does
         if not isinstance(lr, (int, float, torch.Tensor)) or not lr >= 0:
@@ -126,7 +136,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not check_grads(self.param_groups):
+        if not check_grads(self.param_groups, self.parallel):
             if self.nonfinite == "raise":
                 raise NonFiniteError("a gradient holds NaN/inf; the step was not applied (nonfinite='raise')")
             for group in self.param_groups:
@@ -140,7 +150,12 @@ class RoutedOptimizer(torch.optim.Optimizer):
         if not proceed:
             return loss
         self._before_step()
-        for group in self.param_groups:
+        self._step_groups(self.param_groups)
+        return loss
+
+    def _step_groups(self, groups: list[dict]) -> None:
+        """Matrix groups through :meth:`_matrix_step`, the others through AdamW."""
+        for group in groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
@@ -156,7 +171,22 @@ class RoutedOptimizer(torch.optim.Optimizer):
                     eps=group["eps"],
                     weight_decay=group["weight_decay"],
                 )
-        return loss
+
+    # -- shared helpers ---------------------------------------------------------------------------
+    def _state_buffer(self, p: torch.Tensor, key: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``self.state[p][key]``, created as zeros shaped like ``p`` (its layout, ``dtype`` or
+        ``p``'s) on first use: the one lazy state creation every optimizer uses."""
+        st = self.state[p]
+        if key not in st:
+            st[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return st[key]
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """A UserWarning, once per ``key`` for this optimizer."""
+        seen = self.__dict__.setdefault("_dist_warned", set())
+        if key not in seen:
+            seen.add(key)
+            warnings.warn(message, UserWarning, stacklevel=6)
 
     def _before_step(self) -> None:
         """Hook for optimizers that need work before the groups are stepped."""

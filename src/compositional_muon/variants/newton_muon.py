@@ -20,6 +20,7 @@ each call is reduced at once to the ``n x n`` Gram ``Z Z^T / N``, so no activati
 
 from __future__ import annotations
 
+import functools
 import warnings
 import weakref
 from itertools import chain
@@ -27,7 +28,7 @@ from itertools import chain
 import torch
 from torch import nn
 
-from .. import distributed as _dist
+from .. import parallel as _par
 from ..muon import Muon, as_matrix, muon_momentum
 from ..routing import RoutedOptimizer
 
@@ -69,6 +70,11 @@ def newton_refresh(
     inv = torch.cholesky_inverse(L)
     ok = (info == 0) & torch.isfinite(inv).flatten(-2).all(-1)
     return K_new, torch.where(ok[..., None, None], inv, eye), ok
+
+
+def _precondition(x: torch.Tensor, K_inv: torch.Tensor) -> torch.Tensor:
+    """:func:`newton_precondition` of a (conv) weight-shaped tensor, in its shape."""
+    return newton_precondition(as_matrix(x), K_inv).reshape(x.shape)
 
 
 def newton_precondition(G: torch.Tensor, K_inv: torch.Tensor) -> torch.Tensor:
@@ -337,9 +343,9 @@ class NewtonMuon(Muon):
 
     def _before_step(self) -> None:
         self._warn_unhooked()
-        if _dist.wants_distributed(self, self._sources):
+        if self.parallel.active(list(self._sources)):
             # data parallel: each rank saw its own inputs; K must be the full-batch second moment
-            due = []
+            due: list[tuple[torch.Tensor, tuple[int, ...]]] = []
             for g in self.param_groups:
                 if not g["use_muon"]:
                     continue
@@ -351,7 +357,7 @@ class NewtonMuon(Muon):
                     if ((st.get("step", 0) if st else 0) + 1) % int(g["refresh_interval"]) == 0:
                         n = as_matrix(p).size(1)
                         due.append((p, (n, n) if nb == 1 else (nb, n // nb, n // nb)))
-            _dist.average_grams(self, due)
+            self.parallel.average_grams(self._grams, due)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -380,7 +386,7 @@ class NewtonMuon(Muon):
                 if (st["step"] + 1) % group["refresh_interval"] == 0:
                     self._refresh(p, st, group)
                 K_inv = st["precond_inv"]  # K acts on the input (unsharded) dim: row shards are local
-                g = _dist.map_local(g, lambda x, K_inv=K_inv: newton_precondition(as_matrix(x), K_inv).reshape(x.shape))
+                g = _par.map_local(g, functools.partial(_precondition, K_inv=K_inv))
             st["step"] += 1
             out.append(as_matrix(muon_momentum(st["momentum_buffer"], g, group["momentum"], group["nesterov"])))
         return out
@@ -391,7 +397,9 @@ class NewtonMuon(Muon):
         if acc is not None:
             gram = acc[0] / acc[1]
             if not bool(torch.isfinite(gram).all()):
-                warnings.warn("NewtonMuon: non-finite layer inputs; K not updated on this refresh", UserWarning)
+                warnings.warn(
+                    "NewtonMuon: non-finite layer inputs; K not updated on this refresh", UserWarning, stacklevel=2
+                )
                 gram = None
         K, inv, ok = newton_refresh(st["precond_K"], gram, group["precond_beta"], group["ridge"], group["precond_eps"])
         if not bool(ok.all()):
@@ -399,6 +407,7 @@ class NewtonMuon(Muon):
                 f"NewtonMuon: Cholesky of K failed for a weight of shape {tuple(p.shape)}; "
                 "using K^-1 = I until the next refresh",
                 UserWarning,
+                stacklevel=2,
             )
         st["precond_K"].copy_(K)
         st["precond_inv"].copy_(inv)

@@ -23,7 +23,7 @@ import math
 
 import torch
 
-from .. import distributed as _dist
+from .. import parallel as _par
 from ..muon import Muon, shape_scale
 from ..routing import RoutedOptimizer
 
@@ -153,7 +153,7 @@ class NorMuon(Muon):
             st = self.state[p]
             if "second_moment" not in st:
                 # row-sharded like z under FSDP2 (a plain zeros(m, 1) otherwise)
-                st["second_moment"] = _dist.zeros_rows(z, 1, p.dtype)
+                st["second_moment"] = _par.zeros_rows(z, 1, p.dtype)
             v = st["second_moment"]
             u, new_v = normuon_normalize(
                 z, v, group["beta2"], group["eps"], scale=group["scale"], adjust_lr_fn=group["adjust_lr_fn"]
