@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import DEFAULT_ADAMW_PATTERNS, find_attention, head_view, route_parameters
+from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, route_parameters
 from .muon import Muon, shape_scale
+from .ops import decoupled_add
+from .plan import HeadRef, PairLayout
 
 __all__ = ["CircuitMuon"]
 
@@ -32,12 +34,14 @@ class CircuitMuon(Muon):
         if lam < 0:
             raise ValueError(f"`lam` must be >= 0, got {lam}")
         self.lam = lam
-        self.ov_pairs = list(ov_pairs)
-        Muon.__init__(self, param_groups, nonfinite=nonfinite)
+        # OV pairs in the library's one pair schema: (PairLayout, W_v, W_o); an AttentionSpec is
+        # converted (its ``o`` is the layout's ``a`` factor, ``v`` the ``b`` factor, as in CM)
+        self.ov_pairs: list[tuple[PairLayout, torch.Tensor, torch.Tensor]] = [_ov_pair(s) for s in ov_pairs]
+        super().__init__(param_groups, nonfinite=nonfinite)
         muon_ids = {id(p) for g in self.param_groups if g["use_muon"] for p in g["params"]}
-        for pair in self.ov_pairs:
-            if id(pair["v"].param) not in muon_ids or id(pair["o"].param) not in muon_ids:
-                raise ValueError(f"OV pair {pair['name']!r}: its weights must be in a use_muon=True group")
+        for layout, pv, po in self.ov_pairs:
+            if id(pv) not in muon_ids or id(po) not in muon_ids:
+                raise ValueError(f"OV pair {layout.name!r}: its weights must be in a use_muon=True group")
 
     @classmethod
     def from_model(
@@ -77,12 +81,7 @@ class CircuitMuon(Muon):
                     use_muon=False,
                 )
             )
-        pairs = [
-            dict(name=s.name, v=s.v, o=s.o, H=s.num_heads, Hkv=s.num_kv_heads, d=s.head_dim)
-            for s in specs
-            if s.v is not None
-        ]
-        return cls(groups, pairs, lam=lam)
+        return cls(groups, [s for s in specs if s.v is not None], lam=lam)
 
     @torch.no_grad()
     def _matrix_step(self, group: dict, params: list) -> None:
@@ -93,25 +92,19 @@ class CircuitMuon(Muon):
             deltas[id(p)] = (-lr * shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])) * z.reshape(p.shape).to(
                 p.dtype
             )
-        for pair in self.ov_pairs:
-            pv, po = pair["v"].param, pair["o"].param
+        for layout, pv, po in self.ov_pairs:
             if id(pv) in deltas and id(po) in deltas:
-                self._circuit(pair, pv, po, deltas[id(pv)], deltas[id(po)])
+                self._circuit(layout, pv, po, deltas[id(pv)], deltas[id(po)])
         for p in params:
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(deltas[id(p)])
+            decoupled_add(p, deltas[id(p)], lr * wd)
 
-    def _circuit(self, pair, pv, po, delta_v, delta_o) -> None:
+    def _circuit(self, layout: PairLayout, pv, po, delta_v, delta_o) -> None:
         """Rescale, renormalize and gauge-fix the OV pair's updates in place (they are views)."""
-        H, hkv, d, lam = pair["H"], pair["Hkv"], pair["d"], self.lam
-        G = H // hkv
-        vs, os_ = pair["v"], pair["o"]
+        H, hkv, d, lam = layout.num_heads, layout.num_kv_heads, layout.head_dim, self.lam
+        G = layout.group_size
         work = torch.promote_types(pv.dtype, torch.float32)
-        V = head_view(pv, vs.axis, vs.offset, vs.stride or d, hkv, d).to(work)
-        O = head_view(po, os_.axis, os_.offset, os_.stride or d, H, d).to(work)  # (H, d, D): Wo_h^T
-        dv_view = head_view(delta_v, vs.axis, vs.offset, vs.stride or d, hkv, d)
-        do_view = head_view(delta_o, os_.axis, os_.offset, os_.stride or d, H, d)
+        O, V = (x.to(work) for x in layout.views(po, pv))  # O: (H, d, D) = Wo_h^T
+        do_view, dv_view = layout.views(delta_o, delta_v)
         dV, dO = dv_view.to(work), do_view.to(work)
         o_sq = O.square().sum((-2, -1)).view(hkv, G)  # ||Wo_h||^2 per head, by group
         v_sq = V.square().sum((-2, -1))
@@ -129,3 +122,13 @@ class CircuitMuon(Muon):
         dO = dO + (x.view(hkv, 1, 1, 1) * O.view(hkv, G, d, -1)).view(H, d, -1)
         dv_view.copy_(dV)
         do_view.copy_(dO)
+
+
+def _ov_pair(spec: AttentionSpec) -> tuple[PairLayout, torch.Tensor, torch.Tensor]:
+    """The OV pair of an attention spec in the library's pair schema, with its two weights."""
+    if not isinstance(spec, AttentionSpec) or spec.v is None or spec.o is None:
+        raise TypeError(f"CircuitMuon's ov_pairs must be AttentionSpecs with v and o, got {spec!r}")
+    d, what = spec.head_dim, f"attention {spec.name!r}"
+    refs = [HeadRef(-1, *hs.resolved(n, d, what)) for hs, n in ((spec.o, spec.num_heads), (spec.v, spec.num_kv_heads))]
+    layout = PairLayout(spec.name, "ov", d, spec.num_heads, spec.num_kv_heads, refs[0], refs[1])
+    return layout, spec.v.param, spec.o.param

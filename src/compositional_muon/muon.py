@@ -22,7 +22,7 @@ from .msign import BACKENDS, msign
 from .ops import decoupled_add
 from .routing import RoutedOptimizer
 
-__all__ = ["Muon", "MuonWithAuxAdam", "muon_momentum", "shape_scale", "ADJUST_LR_FNS"]
+__all__ = ["Muon", "MuonWithAuxAdam", "MsignOptimizer", "muon_momentum", "shape_scale", "ADJUST_LR_FNS"]
 
 ADJUST_LR_FNS = ("original", "match_rms_adamw")
 
@@ -50,7 +50,69 @@ def as_matrix(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1) if t.ndim > 2 else t  # unlike reshape(out, -1), also right for empty weights
 
 
-class Muon(RoutedOptimizer):
+class MsignOptimizer(RoutedOptimizer):
+    """Base of every msign-based matrix rule (Muon and its variants): momentum directions,
+    orthogonalization through ``self.parallel`` (every strategy applies), the shared checks.
+
+    Subclasses set ``matrix_defaults``, pass their hyperparameters to ``super().__init__(params,
+    defaults)`` and override :meth:`_directions` / :meth:`_matrix_step` as needed.
+    """
+
+    def _validate_group(self, group: dict) -> None:
+        super()._validate_group(group)
+        if group["use_muon"]:
+            self._validate_momentum_msign(group)
+            if "adjust_lr_fn" in group:
+                shape_scale(1, 1, group["adjust_lr_fn"])  # validates the name
+
+    @staticmethod
+    def _validate_momentum_msign(group: dict) -> None:
+        """The checks every msign-based matrix group shares: momentum, backend, ns_steps."""
+        if not 0 <= group["momentum"] < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
+        if group["backend"] not in BACKENDS:
+            raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
+        k = group["ns_steps"]
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 1 <= k < math.inf or k != int(k):
+            raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
+
+    def _directions(self, group: dict, params: list) -> list:
+        """Momentum step for each param; returns the 2-D directions to orthogonalize."""
+        out = []
+        for p in params:
+            buf = self._state_buffer(p, "momentum_buffer")
+            out.append(as_matrix(muon_momentum(buf, p.grad, group["momentum"], group["nesterov"])))
+        return out
+
+    def _orthogonalize(self, group: dict, dirs: list) -> list:
+        """msign of every direction, through the strategy ``self.parallel`` picks for each (spread
+        over DDP ranks, owner ranks for FSDP2 shards, or this process)."""
+        return self.parallel.matrices(dirs, lambda mats: self._orthogonalize_local(group, mats))
+
+    def _orthogonalize_local(self, group: dict, dirs: list) -> list:
+        """msign of every direction; same-shape, same-dtype matrices share one batched call."""
+        steps = None if group["backend"] == "svd" else int(group["ns_steps"])
+        out = [None] * len(dirs)
+        buckets: dict = {}
+        for i, u in enumerate(dirs):
+            buckets.setdefault((tuple(u.shape), u.dtype), []).append(i)
+        for idx in buckets.values():
+            batch = torch.stack([dirs[i] for i in idx]) if len(idx) > 1 else dirs[idx[0]].unsqueeze(0)
+            # an empty matrix (a zero-width layer) is its own polar factor; the SVD backend rejects it
+            z = msign(batch, group["backend"], steps, dtype=group["msign_dtype"]) if batch.numel() else batch
+            for j, i in enumerate(idx):
+                out[i] = z[j]
+        return out
+
+    def _matrix_step(self, group: dict, params: list) -> None:
+        lr, wd = float(group["lr"]), group["weight_decay"]
+        zs = self._orthogonalize(group, self._directions(group, params))
+        for p, z in zip(params, zs):
+            scale = shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])
+            decoupled_add(p, z.reshape(p.shape), lr * wd, alpha=-lr * scale)
+
+
+class Muon(MsignOptimizer):
     """Muon for 2-D (and conv) hidden weights; also accepts ``use_muon=False`` AdamW groups.
 
     Args, in the positional order of Keller Jordan's ``Muon`` and ``torch.optim.Muon``: ``lr`` (0.02),
@@ -106,58 +168,6 @@ class Muon(RoutedOptimizer):
             nonfinite=nonfinite,
             distributed=distributed,
         )
-
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group["use_muon"]:
-            self._validate_momentum_msign(group)
-            shape_scale(1, 1, group["adjust_lr_fn"])  # validates the name
-
-    @staticmethod
-    def _validate_momentum_msign(group: dict) -> None:
-        """The checks every msign-based matrix group shares: momentum, backend, ns_steps."""
-        if not 0 <= group["momentum"] < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
-        if group["backend"] not in BACKENDS:
-            raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
-        k = group["ns_steps"]
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 1 <= k < math.inf or k != int(k):
-            raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
-
-    def _directions(self, group: dict, params: list) -> list:
-        """Momentum step for each param; returns the 2-D directions to orthogonalize."""
-        out = []
-        for p in params:
-            buf = self._state_buffer(p, "momentum_buffer")
-            out.append(as_matrix(muon_momentum(buf, p.grad, group["momentum"], group["nesterov"])))
-        return out
-
-    def _orthogonalize(self, group: dict, dirs: list) -> list:
-        """msign of every direction, through the strategy ``self.parallel`` picks for each (spread
-        over DDP ranks, owner ranks for FSDP2 shards, or this process)."""
-        return self.parallel.matrices(dirs, lambda mats: self._orthogonalize_local(group, mats))
-
-    def _orthogonalize_local(self, group: dict, dirs: list) -> list:
-        """msign of every direction; same-shape, same-dtype matrices share one batched call."""
-        steps = None if group["backend"] == "svd" else int(group["ns_steps"])
-        out = [None] * len(dirs)
-        buckets: dict = {}
-        for i, u in enumerate(dirs):
-            buckets.setdefault((tuple(u.shape), u.dtype), []).append(i)
-        for idx in buckets.values():
-            batch = torch.stack([dirs[i] for i in idx]) if len(idx) > 1 else dirs[idx[0]].unsqueeze(0)
-            # an empty matrix (a zero-width layer) is its own polar factor; the SVD backend rejects it
-            z = msign(batch, group["backend"], steps, dtype=group["msign_dtype"]) if batch.numel() else batch
-            for j, i in enumerate(idx):
-                out[i] = z[j]
-        return out
-
-    def _matrix_step(self, group: dict, params: list) -> None:
-        lr, wd = float(group["lr"]), group["weight_decay"]
-        zs = self._orthogonalize(group, self._directions(group, params))
-        for p, z in zip(params, zs):
-            scale = shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])
-            decoupled_add(p, z.reshape(p.shape), lr * wd, alpha=-lr * scale)
 
 
 class MuonWithAuxAdam(Muon):

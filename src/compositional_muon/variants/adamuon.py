@@ -22,8 +22,8 @@ import math
 
 import torch
 
-from ..muon import Muon, as_matrix
-from ..routing import RoutedOptimizer
+from ..muon import MsignOptimizer, as_matrix
+from ..ops import decoupled_add
 
 __all__ = ["AdaMuon", "adamuon_normalize", "heavy_ball_momentum"]
 
@@ -54,7 +54,7 @@ def adamuon_normalize(
     return O_hat * gamma, new_V
 
 
-class AdaMuon(Muon):
+class AdaMuon(MsignOptimizer):
     """AdaMuon (arXiv:2507.11005, Algorithm 1) with AdamW for ``use_muon=False`` groups.
 
     Args: ``lr`` (0.02), ``momentum`` (beta, 0.95), ``beta2`` (None: the paper's single beta for
@@ -98,8 +98,7 @@ class AdaMuon(Muon):
         nonfinite: str = "raise",
         distributed="auto",
     ):
-        RoutedOptimizer.__init__(
-            self,
+        super().__init__(
             params,
             dict(
                 lr=lr,
@@ -118,7 +117,7 @@ class AdaMuon(Muon):
         )
 
     def _validate_group(self, group: dict) -> None:
-        RoutedOptimizer._validate_group(self, group)  # Muon's checks minus adjust_lr_fn (unused here)
+        super()._validate_group(group)  # no adjust_lr_fn here: its check is skipped
         if group["use_muon"]:
             self._validate_momentum_msign(group)
             b2 = group["beta2"]
@@ -130,10 +129,8 @@ class AdaMuon(Muon):
     def _directions(self, group: dict, params: list) -> list:
         out = []
         for p in params:
-            st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            u = as_matrix(heavy_ball_momentum(st["momentum_buffer"], p.grad, group["momentum"], group["nesterov"]))
+            buf = self._state_buffer(p, "momentum_buffer")
+            u = as_matrix(heavy_ball_momentum(buf, p.grad, group["momentum"], group["nesterov"]))
             out.append(u.sign() if group["sign_stabilize"] else u)
         return out
 
@@ -148,6 +145,4 @@ class AdaMuon(Muon):
             V = st["second_moment"]
             u, new_V = adamuon_normalize(z, V, beta2, group["eps"])
             V.copy_(new_V)
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
+            decoupled_add(p, u.reshape(p.shape), lr * wd, alpha=-lr)

@@ -25,6 +25,7 @@ import math
 import torch
 
 from ..muon import as_matrix
+from ..ops import decoupled_add
 from ..routing import RoutedOptimizer
 from .adamuon import heavy_ball_momentum
 
@@ -103,13 +104,10 @@ class Mano(RoutedOptimizer):
     def _matrix_step(self, group: dict, params: list) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         for p in params:
+            buf = self._state_buffer(p, "momentum_buffer")
             st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"] = 0
-            d = heavy_ball_momentum(st["momentum_buffer"], p.grad, group["momentum"], group["nesterov"])
+            st.setdefault("step", 0)
+            d = heavy_ball_momentum(buf, p.grad, group["momentum"], group["nesterov"])
             u = mano_direction(as_matrix(d), as_matrix(p), st["step"] % 2, group["eps"], version=group["version"])
             st["step"] += 1
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
+            decoupled_add(p, u.reshape(p.shape), lr * wd, alpha=-lr)

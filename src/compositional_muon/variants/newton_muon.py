@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from .. import parallel as _par
-from ..muon import Muon, as_matrix, muon_momentum
-from ..routing import RoutedOptimizer
+from ..muon import MsignOptimizer, Muon, as_matrix, muon_momentum
 
 __all__ = ["NewtonMuon", "NewtonMuonHooks", "newton_precondition", "newton_refresh", "input_second_moment"]
 
@@ -128,7 +127,7 @@ def _make_hook(opt: NewtonMuon, weight):
     return hook
 
 
-class NewtonMuon(Muon):
+class NewtonMuon(MsignOptimizer):
     """Newton-Muon (arXiv:2604.01472, Algorithm 1) with AdamW for ``use_muon=False`` groups.
 
     Muon's args (``lr`` 0.02, ``momentum`` 0.95, ``nesterov`` True, ``ns_steps`` 5,
@@ -179,8 +178,7 @@ class NewtonMuon(Muon):
         nonfinite: str = "raise",
         distributed="auto",
     ):
-        RoutedOptimizer.__init__(
-            self,
+        super().__init__(
             params,
             dict(
                 lr=lr,
@@ -369,10 +367,9 @@ class NewtonMuon(Muon):
     def _directions(self, group: dict, params: list) -> list:
         out = []
         for p in params:
+            self._state_buffer(p, "momentum_buffer")
             st = self.state[p]
-            if "momentum_buffer" not in st:
-                st["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                st["step"] = 0
+            st.setdefault("step", 0)
             g = p.grad
             nb = self._sources.get(p)
             if nb is not None:

@@ -24,8 +24,8 @@ import math
 import torch
 
 from .. import parallel as _par
-from ..muon import Muon, shape_scale
-from ..routing import RoutedOptimizer
+from ..muon import MsignOptimizer, shape_scale
+from ..ops import decoupled_add
 
 __all__ = ["NorMuon", "normuon_normalize", "NORMUON_SCALES"]
 
@@ -68,7 +68,7 @@ def normuon_normalize(
     return O_hat * s, new_v
 
 
-class NorMuon(Muon):
+class NorMuon(MsignOptimizer):
     """NorMuon (arXiv:2510.05491, Algorithm 1) with AdamW for ``use_muon=False`` groups.
 
     Args: ``lr`` (0.02), ``momentum`` (beta, 0.95), ``beta2`` (0.95), ``eps`` (1e-10),
@@ -116,8 +116,7 @@ class NorMuon(Muon):
         nonfinite: str = "raise",
         distributed="auto",
     ):
-        RoutedOptimizer.__init__(
-            self,
+        super().__init__(
             params,
             dict(
                 lr=lr,
@@ -159,6 +158,4 @@ class NorMuon(Muon):
                 z, v, group["beta2"], group["eps"], scale=group["scale"], adjust_lr_fn=group["adjust_lr_fn"]
             )
             v.copy_(new_v)
-            if wd:
-                p.mul_(1 - lr * wd)
-            p.add_(u.reshape(p.shape).to(p.dtype), alpha=-lr)
+            decoupled_add(p, u.reshape(p.shape), lr * wd, alpha=-lr)
