@@ -1,5 +1,5 @@
 """Before/after step times of the kernel work: the current tree vs the same tree with the kernel
-files (``cm.py``, ``msign.py``, ``inverse_root.py``, ``connection.py``) taken from a git ref.
+files (``cm/kernel.py``, ``msign.py``, ``inverse_root.py``, ``connection.py``) taken from a git ref.
 
     python bench/before_after.py [--ref HEAD] [--shape small] [--only "CM full,Muon"] [step_time args]
 
@@ -22,7 +22,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-KERNEL_FILES = ("cm.py", "msign.py", "inverse_root.py", "connection.py")
+KERNEL_FILES = ("cm/kernel.py", "msign.py", "inverse_root.py", "connection.py")
 
 
 def export_before(ref: str, dest: str) -> str:
