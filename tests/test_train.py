@@ -164,9 +164,11 @@ def test_ctrl_c_saves_a_checkpoint(tmp_path):
     assert ck["step"] >= 3 and ck["step"] == len(_metrics(out))
 
 
-def test_torchrun_fsdp2_split_and_resume_matches_single_process(tmp_path):
+def test_torchrun_fsdp2_split_and_resume_matches_single_process(tmp_path, monkeypatch):
     """`torchrun --nproc_per_node=2 -m compositional_muon.train --dist fsdp2`, stopped and resumed
     from its DCP checkpoint, follows the single-process run's losses."""
+    # two code paths compared at rel 1e-4: pin the msign precision (bf16 rounding differs by path)
+    monkeypatch.setenv("COMPOSITIONAL_MUON_MSIGN_DTYPE", "float32")
     common = TINY + ["--steps", "6", "--ckpt-interval", "0", "--device", "cpu", "--threads", "1"]
     single = str(tmp_path / "single")
     run(parse_args(common + ["--out", single]))

@@ -15,6 +15,7 @@ Rows/cols are those of the 2-D (flattened) matrix.
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
@@ -73,7 +74,12 @@ class MsignOptimizer(RoutedOptimizer):
         if group["backend"] not in BACKENDS:
             raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
         k = group["ns_steps"]
-        if isinstance(k, bool) or not isinstance(k, (int, float)) or not 1 <= k < math.inf or k != int(k):
+        if (
+            isinstance(k, bool)
+            or not isinstance(k, numbers.Real)
+            or not 1 <= float(k) < math.inf
+            or float(k) != int(float(k))
+        ):
             raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
 
     def _directions(self, group: dict, params: list) -> list:
