@@ -50,8 +50,8 @@ def test_importing_the_library_does_not_load_the_training_tools():
         root = pathlib.Path(cm.__file__).parent
         for f in sorted(root.rglob("*.py")):
             rel = f.relative_to(root).with_suffix("")
-            if rel.parts[0] == "training" or rel.as_posix() in ("train", "experiments"):
-                continue  # the training tools and their `python -m` aliases
+            if rel.parts[0] in ("training", "integrations") or rel.as_posix() in ("train", "experiments"):
+                continue  # the training tools, their `python -m` aliases, the optional framework adapters
             parts = [p for p in rel.parts if p != "__init__"]
             importlib.import_module(".".join(["compositional_muon", *parts]))
         loaded = sorted(n for n in sys.modules if n.startswith("compositional_muon.training"))
