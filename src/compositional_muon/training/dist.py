@@ -25,6 +25,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "all_reduce_mean",
+    "any_rank",
+    "barrier",
 ]
 
 
@@ -140,6 +142,23 @@ def all_reduce_mean(x: float | torch.Tensor) -> float:
         dist.all_reduce(t)
         t = t / dist.get_world_size()
     return float(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """``flag`` or-ed over all ranks (the flag itself without ``torch.distributed``)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    """``dist.barrier()`` when a process group is initialized."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _layout(model, optimizer) -> dict:

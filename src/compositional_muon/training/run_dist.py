@@ -1,0 +1,72 @@
+"""The training CLI's process layout: one process, or DDP / FSDP2 under torchrun (see
+docs/distributed.md). Everything rank-dependent in the CLI goes through :class:`Runner`."""
+
+from __future__ import annotations
+
+import torch
+
+from .errors import UsageError
+
+__all__ = ["Runner"]
+
+
+class Runner:
+    """Single process (``mode="none"``), or DDP / FSDP2 with one process per rank."""
+
+    def __init__(self, mode: str, device: torch.device, batch_size: int):
+        self.mode, self.rank, self.world, self.device = mode, 0, 1, device
+        if mode == "none":
+            return
+        from . import dist as D
+
+        self.D = D
+        info = D.setup_distributed("gloo" if device.type == "cpu" else None)
+        self.rank, self.world, self.device = info.rank, info.world_size, info.device
+        if self.world < 2:
+            self.cleanup()
+            raise UsageError(
+                f"--dist {mode} needs at least 2 processes (torchrun --nproc_per_node=N, N >= 2); "
+                "for a single process leave out --dist"
+            )
+        if batch_size % self.world:
+            self.cleanup()
+            raise UsageError(f"--batch-size {batch_size} (global) is not divisible by the world size {self.world}")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoint_name(self) -> str:
+        """single process: one atomic .pt file; distributed: a torch.distributed.checkpoint folder"""
+        return "last.pt" if self.mode == "none" else "last_dcp"
+
+    def wrap(self, model):
+        return model if self.mode == "none" else self.D.wrap_model(model, self.mode)
+
+    def core(self, model):
+        return model if self.mode == "none" else self.D.unwrap_model(model)
+
+    def shard(self, x):
+        """This rank's rows of a global batch."""
+        if self.world == 1:
+            return x
+        b = x.size(0) // self.world
+        return x[self.rank * b : (self.rank + 1) * b]
+
+    def mean(self, v: float) -> float:
+        return v if self.mode == "none" else float(self.D.all_reduce_mean(v))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any (a stop request must stop all ranks at one step)."""
+        return flag if self.mode == "none" else self.D.any_rank(flag)
+
+    def n_params(self, model) -> int:
+        core = self.core(model)
+        if self.world == 1:
+            return sum(p.numel() for p in core.parameters())
+        return sum(getattr(p, "full_tensor", lambda p=p: p)().numel() for p in core.parameters())
+
+    def cleanup(self) -> None:
+        if self.mode != "none":
+            self.D.cleanup_distributed()
