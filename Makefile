@@ -1,10 +1,11 @@
 # The two set-up commands (see README): `make demo` trains the demo, `make test` runs the suite.
+# `make demo` continues (or reprints) an existing runs/demo, never overwrites it.
 # Both create .venv on first use (scripts/bootstrap.sh picks the CPU torch build without a GPU).
 .PHONY: demo test bench experiments lint
 
 demo:
 	scripts/bootstrap.sh train
-	.venv/bin/python -m compositional_muon.train --out runs/demo
+	.venv/bin/python -m compositional_muon.train --out runs/demo --resume auto
 
 test:
 	scripts/bootstrap.sh test
