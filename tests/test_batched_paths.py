@@ -58,6 +58,7 @@ def test_msign_empty_batch_and_dtype():
 def test_default_msign_dtype_choice_and_override(monkeypatch):
     from compositional_muon.msign import cpu_has_native_bf16
 
+    monkeypatch.delenv(DTYPE_ENV, raising=False)  # the machine's own choice, whatever the suite forces
     expected = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert default_msign_dtype("cpu") == expected
     assert default_msign_dtype("cpu") is default_msign_dtype(torch.device("cpu"))  # cached per device type
