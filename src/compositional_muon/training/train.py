@@ -110,9 +110,9 @@ def _prepare_folder(args, runner, resume, step: int, changes: dict) -> str:
 
 
 def _print_header(args, runner, model, opt, data) -> None:
+    n = runner.n_params(model)  # a collective under FSDP2 (full_tensor): every rank
     if not runner.main:
         return
-    n = runner.n_params(model)
     print(
         f"model {args.model} ({n / 1e6:.2f}M params) | optimizer {args.optimizer} | data {data.name} | "
         f"{args.steps} steps x {args.batch_size} x {args.block_size} tokens | device {runner.device}"
