@@ -100,6 +100,7 @@ BAD_VALUES = [
     (["--device", "meta"], "--device meta holds no data"),
     (["--dist", "ddp"], "--dist ddp needs at least 2 processes"),
     (["--overwrite", "--resume", "auto"], "pass only one of them"),
+    (["--head-stats-every", "-1"], "--head-stats-every must be >= 0, got -1"),
 ]
 if not torch.cuda.is_available():
     BAD_VALUES += [
