@@ -302,7 +302,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                     v if o is not None else None,
                     o,
                     head_dim=d,
-                    num_heads=None if d else H,
+                    num_heads=num_heads or (None if d else H),  # an explicit count is checked against d
                     num_kv_heads=hkv,
                 )
                 break
@@ -323,12 +323,30 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                 break
         if spec is None:
             continue
+        _check_overrides(name, m, spec, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
         key = tuple(id(s.param) for _, a, b in spec.pairs() for s in (a, b))
         if key in seen:  # a shared block reached twice (looped models)
             continue
         seen.add(key)
         specs.append(spec)
     return specs
+
+
+def _check_overrides(name: str, module: nn.Module, spec: AttentionSpec, **given) -> None:
+    """Head counts passed to :func:`find_attention` must match the module's own attributes and the
+    spec built from them; a mismatch raises instead of being silently ignored."""
+    for key, names in (("head_dim", _HEAD_DIM), ("num_heads", _NUM_HEADS), ("num_kv_heads", _NUM_KV)):
+        value = given[key]
+        if value is None:
+            continue
+        own = _attr(module, names)
+        if own is not None and own != value:
+            raise ValueError(f"attention {name!r}: {key}={value} was passed but the module has {key}={own}")
+        if getattr(spec, key) != value:
+            raise ValueError(
+                f"attention {name!r}: {key}={value} was passed but its weights give {key}={getattr(spec, key)} "
+                f"(head_dim={spec.head_dim}, num_heads={spec.num_heads}, num_kv_heads={spec.num_kv_heads})"
+            )
 
 
 # ------------------------------------------------------------------------------------------------
