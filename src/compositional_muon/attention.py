@@ -281,6 +281,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
     do not fit its head counts raises ValueError naming the module.
     """
     specs, seen = [], set()
+    given = dict(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
     for name, m in model.named_modules():
         d = head_dim or _attr(m, _HEAD_DIM)
         H = num_heads or _attr(m, _NUM_HEADS)
@@ -295,6 +296,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                         f"attention {name!r}: found {qn}/{kn}/{vn} but no head_dim or num_heads "
                         "attribute; pass head_dim= or num_heads= (or use AttentionSpec)"
                     )
+                _check_attributes(name, m, given)
                 spec = AttentionSpec.separate(
                     name,
                     q,
@@ -317,13 +319,14 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                         f"attention {name!r}: found fused {fn} but no head_dim or num_heads attribute; "
                         "pass head_dim= or num_heads= (or use AttentionSpec)"
                     )
+                _check_attributes(name, m, given)
                 spec = AttentionSpec.fused(
                     name, f, o, head_dim=d, num_heads=H, num_kv_heads=hkv, transposed=_is_conv1d(f)
                 )
                 break
         if spec is None:
             continue
-        _check_overrides(name, m, spec, head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
+        _check_spec(name, spec, given)
         key = tuple(id(s.param) for _, a, b in spec.pairs() for s in (a, b))
         if key in seen:  # a shared block reached twice (looped models)
             continue
@@ -332,19 +335,23 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
     return specs
 
 
-def _check_overrides(name: str, module: nn.Module, spec: AttentionSpec, **given) -> None:
-    """Head counts passed to :func:`find_attention` must match the module's own attributes and the
-    spec built from them; a mismatch raises instead of being silently ignored."""
-    for key, names in (("head_dim", _HEAD_DIM), ("num_heads", _NUM_HEADS), ("num_kv_heads", _NUM_KV)):
-        value = given[key]
-        if value is None:
-            continue
+_COUNT_ATTRS = (("head_dim", _HEAD_DIM), ("num_heads", _NUM_HEADS), ("num_kv_heads", _NUM_KV))
+
+
+def _check_attributes(name: str, module: nn.Module, given: dict) -> None:
+    """Head counts passed to :func:`find_attention` must agree with the module's own attributes."""
+    for key, names in _COUNT_ATTRS:
         own = _attr(module, names)
-        if own is not None and own != value:
-            raise ValueError(f"attention {name!r}: {key}={value} was passed but the module has {key}={own}")
-        if getattr(spec, key) != value:
+        if given[key] is not None and own is not None and own != given[key]:
+            raise ValueError(f"attention {name!r}: {key}={given[key]} was passed but the module has {key}={own}")
+
+
+def _check_spec(name: str, spec: AttentionSpec, given: dict) -> None:
+    """... and with the spec its weights gave (never silently replaced)."""
+    for key, _ in _COUNT_ATTRS:
+        if given[key] is not None and getattr(spec, key) != given[key]:
             raise ValueError(
-                f"attention {name!r}: {key}={value} was passed but its weights give {key}={getattr(spec, key)} "
+                f"attention {name!r}: {key}={given[key]} was passed but its weights give {key}={getattr(spec, key)} "
                 f"(head_dim={spec.head_dim}, num_heads={spec.num_heads}, num_kv_heads={spec.num_kv_heads})"
             )
 

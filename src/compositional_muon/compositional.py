@@ -82,6 +82,12 @@ class CompositionalMuon(Muon):
     ``distributed`` ("auto", True, False): under DDP the CM layers and Muon matrices are split
     among the ranks and the updates all-gathered; DTensor (FSDP2) parameters take the shard-aware
     path (see :mod:`compositional_muon.distributed` and ``docs/distributed.md``).
+
+    A QK/OV pair is stepped whole: a pair where neither weight has a gradient is skipped; a pair
+    where exactly one has a gradient raises ``ValueError`` at ``step`` before anything is written
+    (stepping one factor alone would silently be another optimizer, see ``docs/math.md``); a pair
+    with one frozen (``requires_grad=False``) and one trained weight is refused when built.
+    Hyperparameters are checked at construction and at every step (:mod:`~compositional_muon.validation`).
     """
 
     def __init__(self, param_groups, *, nonfinite: str = "raise", track_stats: bool = False, distributed="auto"):

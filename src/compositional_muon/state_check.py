@@ -89,7 +89,7 @@ def check_state_dict(opt, state_dict) -> None:
         raise ValueError(f"{where}the state dict has {len(saved)} param groups, this optimizer has {len(groups)}")
     for i, (s, g) in enumerate(zip(saved, groups)):
         _check_group_keys(s, g, f"{where}param group {i}: ", same_class=saved_class == name)
-    validation.check_groups(opt, saved, label="saved param group")
+    validation.check_groups(opt, saved, prefix=f"{where}saved param group")
     _check_state_shapes(opt, state_dict["state"], saved, where)
 
 
@@ -98,8 +98,9 @@ def _check_group_keys(s: Mapping, g: Mapping, where: str, same_class: bool) -> N
         raise ValueError(f"{where}{len(s['params'])} parameters in the state dict, {len(g['params'])} here")
     for key in _STRUCTURAL:
         if (key in s or key in g) and s.get(key) != g.get(key):
-            what = "the attention layout (cm_pairs)" if key == "cm_pairs" else f"{key}={s.get(key)!r}"
-            raise ValueError(f"{where}the state dict has {what}, this optimizer {key}={g.get(key)!r}"[:400])
+            if key == "cm_pairs":
+                raise ValueError(f"{where}the attention layout (cm_pairs) differs (different model or head counts)")
+            raise ValueError(f"{where}the state dict has {key}={s.get(key)!r}, this optimizer {key}={g.get(key)!r}")
     # A saved key this group lacks: another optimizer's, unless the class is recorded and the same
     # (then a user or scheduler added it, e.g. OneCycleLR's "momentum" on AdamW groups). Keys every
     # optimizer may carry are not evidence either way. A missing key would fail at step time.

@@ -179,11 +179,11 @@ def check_value(key: str, value, where: str, *, none_ok: bool = False) -> None:
     if value is None and (spec.none_ok or none_ok):
         return
     if spec.kind == "choice" and isinstance(value, str) and value in spec.refusals:
-        raise ValueError(f"{where}{spec.refusals[value]()}")
+        raise ValueError(f"{where}`{key}` = {value!r}: {spec.refusals[value]()}")
     if _value_ok(spec, value):
         return
     if spec.kind == "choice":
-        raise ValueError(f"{where}unknown {spec.label or key} {value!r}; expected one of {spec.options()}")
+        raise ValueError(f"{where}`{key}` = {value!r}: unknown {spec.label or key}; expected one of {spec.options()}")
     raise ValueError(f"{where}`{key}` must be {spec.describe()}, got {value!r}")
 
 
@@ -229,13 +229,14 @@ def _nullable(opt) -> frozenset:
     return frozenset(k for k, v in defaults.items() if v is None)
 
 
-def check_groups(opt, groups=None, *, label: str = "param group") -> None:
-    """Check every param group of ``opt`` (or ``groups``), the optimizer-level hyperparameters named
-    in its class's ``checked_attributes``, and that each CM pair has both gradients or neither."""
+def check_groups(opt, groups=None, *, prefix: str | None = None) -> None:
+    """Check every param group of ``opt`` (or ``groups``; messages start ``f"{prefix} {i}: "``) and
+    the optimizer-level hyperparameters named in its class's ``checked_attributes``."""
     name = type(opt).__name__
+    prefix = f"{name}: param group" if prefix is None else prefix
     nullable = _nullable(opt)
     for i, group in enumerate(opt.param_groups if groups is None else groups):
-        check_group(group, f"{name}: {label} {i}: ", nullable)
+        check_group(group, f"{prefix} {i}: ", nullable)
     for attr in getattr(type(opt), "checked_attributes", ()):
         check_value(attr, getattr(opt, attr), f"{name}: ")
 
