@@ -69,7 +69,10 @@ class Range:
             return "a pair of finite numbers in [0, 1)"
         if self.kind == "dtype":
             return "a floating-point torch.dtype"
-        return f"one of {self.options() if self.options else ()}"
+        return f"one of {self.choices()}"
+
+    def choices(self) -> tuple:
+        return self.options() if self.options is not None else ()
 
 
 _NONNEG = Range("real", lo=0.0)
@@ -170,7 +173,7 @@ def _value_ok(spec: Range, value) -> bool:
         return all((x := _real(b)) is not None and _in_range(_UNIT, x) for b in value)
     if spec.kind == "dtype":
         return isinstance(value, torch.dtype) and value.is_floating_point
-    return value in spec.options()  # choice
+    return value in spec.choices()
 
 
 def check_value(key: str, value, where: str, *, none_ok: bool = False) -> None:
@@ -183,7 +186,7 @@ def check_value(key: str, value, where: str, *, none_ok: bool = False) -> None:
     if _value_ok(spec, value):
         return
     if spec.kind == "choice":
-        raise ValueError(f"{where}`{key}` = {value!r}: unknown {spec.label or key}; expected one of {spec.options()}")
+        raise ValueError(f"{where}`{key}` = {value!r}: unknown {spec.label or key}; expected one of {spec.choices()}")
     raise ValueError(f"{where}`{key}` must be {spec.describe()}, got {value!r}")
 
 
@@ -191,7 +194,7 @@ def check_value(key: str, value, where: str, *, none_ok: bool = False) -> None:
 RULES: tuple = (
     (
         ("lr", "weight_decay"),
-        lambda g: _real(g["lr"]) * _real(g["weight_decay"]) > 1,
+        lambda g: (_real(g["lr"]) or 0.0) * (_real(g["weight_decay"]) or 0.0) > 1,
         "`lr` * `weight_decay` must be <= 1 (the decoupled decay multiplies the weights by 1 - lr * weight_decay)",
     ),
     (
