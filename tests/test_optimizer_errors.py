@@ -87,9 +87,7 @@ def _circuit(m, over, **kw):
     groups = [dict(params=m.matrices(), use_muon=True), dict(params=m.others(), use_muon=False)]
     for i, o in over.items():
         groups[i].update(o)
-    pairs = [
-        dict(name=s.name, v=s.v, o=s.o, H=s.num_heads, Hkv=s.num_kv_heads, d=s.head_dim) for s in find_attention(m)
-    ]
+    pairs = [s for s in find_attention(m) if s.v is not None]
     return CircuitMuon(groups, pairs, **kw)
 
 
