@@ -291,12 +291,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
             q, k, v = (getattr(m, n, None) for n in (qn, kn, vn))
             if all(isinstance(x, nn.Linear) for x in (q, k, v)):
                 o = next((getattr(m, n) for n in _O_NAMES if isinstance(getattr(m, n, None), nn.Linear)), None)
-                if d is None and H is None:
-                    raise ValueError(
-                        f"attention {name!r}: found {qn}/{kn}/{vn} but no head_dim or num_heads "
-                        "attribute; pass head_dim= or num_heads= (or use AttentionSpec)"
-                    )
-                _check_attributes(name, m, given)
+                _check_attributes(name, m, given, d is None and H is None, f"{qn}/{kn}/{vn}")
                 spec = AttentionSpec.separate(
                     name,
                     q,
@@ -314,12 +309,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                 if not _linear_like(f):
                     continue
                 o = next((getattr(m, n) for n in onames if _linear_like(getattr(m, n, None))), None)
-                if d is None and H is None:
-                    raise ValueError(
-                        f"attention {name!r}: found fused {fn} but no head_dim or num_heads attribute; "
-                        "pass head_dim= or num_heads= (or use AttentionSpec)"
-                    )
-                _check_attributes(name, m, given)
+                _check_attributes(name, m, given, d is None and H is None, f"fused {fn}")
                 spec = AttentionSpec.fused(
                     name, f, o, head_dim=d, num_heads=H, num_kv_heads=hkv, transposed=_is_conv1d(f)
                 )
@@ -338,8 +328,14 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
 _COUNT_ATTRS = (("head_dim", _HEAD_DIM), ("num_heads", _NUM_HEADS), ("num_kv_heads", _NUM_KV))
 
 
-def _check_attributes(name: str, module: nn.Module, given: dict) -> None:
-    """Head counts passed to :func:`find_attention` must agree with the module's own attributes."""
+def _check_attributes(name: str, module: nn.Module, given: dict, no_size: bool, found: str) -> None:
+    """The head size must be known, and head counts passed to :func:`find_attention` must agree
+    with the module's own attributes."""
+    if no_size:
+        raise ValueError(
+            f"attention {name!r}: found {found} but no head_dim or num_heads attribute; "
+            "pass head_dim= or num_heads= (or use AttentionSpec)"
+        )
     for key, names in _COUNT_ATTRS:
         own = _attr(module, names)
         if given[key] is not None and own is not None and own != given[key]:
