@@ -369,7 +369,7 @@ def test_closure_zero_grad_missing_grads_and_add_param_group():
         opt.add_param_group(dict(kind="sgd", params=[nn.Parameter(torch.zeros(2, 2))]))
 
 
-def test_pair_with_missing_grad_is_skipped():
+def test_pair_with_one_grad_raises_and_pair_with_none_is_skipped():
     torch.manual_seed(11)
     m = TinyGPT(L=1)
     opt = CompositionalMuon.from_model(m)
@@ -377,10 +377,15 @@ def test_pair_with_missing_grad_is_skipped():
     for p in m.parameters():
         p.grad = torch.randn_like(p)
     a.k_proj.weight.grad = None
+    before = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qk': W_k has no gradient but W_q has one"):
+        opt.step()
+    assert all(torch.equal(b, p) for b, p in zip(before, m.parameters())) and not opt.state
+    a.q_proj.weight.grad = None  # neither: the pair is skipped whole, the rest steps
     q0, v0 = a.q_proj.weight.detach().clone(), a.v_proj.weight.detach().clone()
     opt.step()
-    assert torch.equal(q0, a.q_proj.weight)  # QK skipped whole
-    assert not torch.equal(v0, a.v_proj.weight)  # OV still stepped
+    assert torch.equal(q0, a.q_proj.weight)
+    assert not torch.equal(v0, a.v_proj.weight)
 
 
 # ------------------------------------------------------------------------------------------------

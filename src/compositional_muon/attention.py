@@ -281,6 +281,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
     do not fit its head counts raises ValueError naming the module.
     """
     specs, seen = [], set()
+    given = dict(head_dim=head_dim, num_heads=num_heads, num_kv_heads=num_kv_heads)
     for name, m in model.named_modules():
         d = head_dim or _attr(m, _HEAD_DIM)
         H = num_heads or _attr(m, _NUM_HEADS)
@@ -290,11 +291,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
             q, k, v = (getattr(m, n, None) for n in (qn, kn, vn))
             if all(isinstance(x, nn.Linear) for x in (q, k, v)):
                 o = next((getattr(m, n) for n in _O_NAMES if isinstance(getattr(m, n, None), nn.Linear)), None)
-                if d is None and H is None:
-                    raise ValueError(
-                        f"attention {name!r}: found {qn}/{kn}/{vn} but no head_dim or num_heads "
-                        "attribute; pass head_dim= or num_heads= (or use AttentionSpec)"
-                    )
+                _check_attributes(name, m, given, d is None and H is None, f"{qn}/{kn}/{vn}")
                 spec = AttentionSpec.separate(
                     name,
                     q,
@@ -302,7 +299,7 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                     v if o is not None else None,
                     o,
                     head_dim=d,
-                    num_heads=None if d else H,
+                    num_heads=num_heads or (None if d else H),  # an explicit count is checked against d
                     num_kv_heads=hkv,
                 )
                 break
@@ -312,23 +309,47 @@ def find_attention(model: nn.Module, *, head_dim=None, num_heads=None, num_kv_he
                 if not _linear_like(f):
                     continue
                 o = next((getattr(m, n) for n in onames if _linear_like(getattr(m, n, None))), None)
-                if d is None and H is None:
-                    raise ValueError(
-                        f"attention {name!r}: found fused {fn} but no head_dim or num_heads attribute; "
-                        "pass head_dim= or num_heads= (or use AttentionSpec)"
-                    )
+                _check_attributes(name, m, given, d is None and H is None, f"fused {fn}")
                 spec = AttentionSpec.fused(
                     name, f, o, head_dim=d, num_heads=H, num_kv_heads=hkv, transposed=_is_conv1d(f)
                 )
                 break
         if spec is None:
             continue
+        _check_spec(name, spec, given)
         key = tuple(id(s.param) for _, a, b in spec.pairs() for s in (a, b))
         if key in seen:  # a shared block reached twice (looped models)
             continue
         seen.add(key)
         specs.append(spec)
     return specs
+
+
+_COUNT_ATTRS = (("head_dim", _HEAD_DIM), ("num_heads", _NUM_HEADS), ("num_kv_heads", _NUM_KV))
+
+
+def _check_attributes(name: str, module: nn.Module, given: dict, no_size: bool, found: str) -> None:
+    """The head size must be known, and head counts passed to :func:`find_attention` must agree
+    with the module's own attributes."""
+    if no_size:
+        raise ValueError(
+            f"attention {name!r}: found {found} but no head_dim or num_heads attribute; "
+            "pass head_dim= or num_heads= (or use AttentionSpec)"
+        )
+    for key, names in _COUNT_ATTRS:
+        own = _attr(module, names)
+        if given[key] is not None and own is not None and own != given[key]:
+            raise ValueError(f"attention {name!r}: {key}={given[key]} was passed but the module has {key}={own}")
+
+
+def _check_spec(name: str, spec: AttentionSpec, given: dict) -> None:
+    """... and with the spec its weights gave (never silently replaced)."""
+    for key, _ in _COUNT_ATTRS:
+        if given[key] is not None and getattr(spec, key) != given[key]:
+            raise ValueError(
+                f"attention {name!r}: {key}={given[key]} was passed but its weights give {key}={getattr(spec, key)} "
+                f"(head_dim={spec.head_dim}, num_heads={spec.num_heads}, num_kv_heads={spec.num_kv_heads})"
+            )
 
 
 # ------------------------------------------------------------------------------------------------

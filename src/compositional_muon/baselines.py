@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import validation
 from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, route_parameters
 from .muon import Muon, shape_scale
 from .ops import decoupled_add
@@ -30,9 +31,10 @@ __all__ = ["CircuitMuon"]
 class CircuitMuon(Muon):
     """Muon + Circuit-Muon's OV rescaling. Build with :meth:`from_model`."""
 
+    checked_attributes = ("lam",)  # validated with the param groups at every step (validation.py)
+
     def __init__(self, param_groups, ov_pairs=(), *, lam: float = 1e-3, nonfinite: str = "raise"):
-        if lam < 0:
-            raise ValueError(f"`lam` must be >= 0, got {lam}")
+        validation.check_value("lam", lam, "CircuitMuon: ")
         self.lam = lam
         # OV pairs in the library's one pair schema: (PairLayout, W_v, W_o); an AttentionSpec is
         # converted (its ``o`` is the layout's ``a`` factor, ``v`` the ``b`` factor, as in CM)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import state_check, validation
 from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, route_parameters
 from .cm import CMConfig, apply_update, normalize_head_rows
 from .cm.kernel import ZTransform
@@ -81,6 +82,12 @@ class CompositionalMuon(Muon):
     ``distributed`` ("auto", True, False): under DDP the CM layers and Muon matrices are split
     among the ranks and the updates all-gathered; DTensor (FSDP2) parameters take the shard-aware
     path (see :mod:`compositional_muon.distributed` and ``docs/distributed.md``).
+
+    A QK/OV pair is stepped whole: a pair where neither weight has a gradient is skipped; a pair
+    where exactly one has a gradient raises ``ValueError`` at ``step`` before anything is written
+    (stepping one factor alone would silently be another optimizer, see ``docs/math.md``); a pair
+    with one frozen (``requires_grad=False``) and one trained weight is refused when built.
+    Hyperparameters are checked at construction and at every step (:mod:`~compositional_muon.validation`).
     """
 
     def __init__(self, param_groups, *, nonfinite: str = "raise", track_stats: bool = False, distributed="auto"):
@@ -205,6 +212,7 @@ class CompositionalMuon(Muon):
             group.setdefault(k, v)
         group["kind"], group["use_muon"] = "cm", True
         group.setdefault("skipped_steps", 0)
+        validation.check_new_group(self, group)  # the ranges table (validation.py)
         _cfg(group)  # validates the variant switches
         if not 0 <= group["momentum"] < 1:
             raise ValueError(f"CM momentum must be in [0, 1), got {group['momentum']!r}")
@@ -261,6 +269,7 @@ class CompositionalMuon(Muon):
 
     # -- checkpoints ------------------------------------------------------------------------------
     def load_state_dict(self, state_dict: dict) -> None:
+        state_check.check_state_dict(self, state_dict)  # class first (state_check.py)
         check_checkpoint_layout(state_dict, self.param_groups)
         super().load_state_dict(state_dict)
 
@@ -278,8 +287,7 @@ class CompositionalMuon(Muon):
                 # `finite` is set (agreed across ranks) by the sharded strategies
                 if not (batch.finite if batch.finite is not None else all_finite(batch.dA, batch.dB)):
                     raise NonFiniteError(
-                        f"the CM update of {batch.names} is not finite (singular partner Gram "
-                        f"with lam={g['lam']}?); nothing was written"
+                        validation.nonfinite_cm_update_message(batch.names, (batch.A, batch.B), g["lam"])
                     )
         stats: dict = {}
         for g, plan in plans:

@@ -13,6 +13,7 @@ import warnings
 
 import torch
 
+from . import state_check, validation
 from .adamw import ADAMW_DEFAULTS, adamw_step
 from .finite import NonFiniteError, finite_flags
 from .parallel import Parallel, is_dtensor
@@ -76,6 +77,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
         # torch.optim.Optimizer needs a defaults dict; schedulers such as OneCycleLR look for
         # "momentum" or "betas" in it, so expose the matrix rule's defaults.
         super().__init__(params, dict(self._matrix_defaults))
+        state_check.install(self)  # class/keys/shapes checked by load_state_dict (state_check.py)
 
     # -- groups ---------------------------------------------------------------------------------
     def add_param_group(self, param_group: dict) -> None:
@@ -102,6 +104,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} updates matrices; parameter {i} of a use_muon=True group has shape "
                         f"{tuple(p.shape)}. Put 0-D/1-D parameters (gains, biases) in a use_muon=False (AdamW) group"
                     )
+        validation.check_new_group(self, group)  # the ranges table (validation.py)
         self._validate_group(group)
         self._register_group(group)
 
@@ -136,7 +139,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        validation.check_step(self)  # hyperparameters edited since the last step, CM pairs' gradients
         if not check_grads(self.param_groups, self.parallel):
+            if (weights := validation.nonfinite_weights(self.param_groups)) is not None:
+                raise NonFiniteError(weights)  # even with nonfinite="skip": skipping cannot recover
             if self.nonfinite == "raise":
                 raise NonFiniteError("a gradient holds NaN/inf; the step was not applied (nonfinite='raise')")
             for group in self.param_groups:

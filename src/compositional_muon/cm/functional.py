@@ -16,6 +16,7 @@ import torch
 from ..connection import horizontal_projection
 from ..finite import NonFiniteError, all_finite
 from ..ops import decoupled_add
+from ..validation import check_functional
 from .config import CONFIG_FIELDS, NONFINITE, CMConfig, choice
 from .kernel import pair_update
 
@@ -175,6 +176,11 @@ def _apply_pair(views: tuple[Tensor, ...], step: _Step, grad_names: tuple[str, s
             raise NonFiniteError(
                 f"non-finite values in {', '.join('`' + b + '`' for b in bad)}; the step was not applied"
             )
+        bad_w = ["`w" + n[1:] + "`" for n, w in zip(grad_names, (A, B)) if not all_finite(w)]
+        if bad_w:  # the weights themselves, not the gradients
+            raise NonFiniteError(
+                f"the weights {', '.join(bad_w)} hold NaN/inf (not the gradients); nothing was written"
+            )
         raise NonFiniteError(
             "the CM update is not finite although the gradients are: a partner Gram is singular "
             f"(lam={cfg.lam}); use lam > 0. Nothing was written"
@@ -259,6 +265,7 @@ def cm_qk(
         raise TypeError("cm_qk() got an unexpected keyword argument 'hybrid' (hybrid is an OV option)")
     cfg = resolve_config(config, options, "cm_qk").for_kind("qk")
     _validate_scalars(eta, beta, weight_decay, on_nonfinite, momentum_reproject, cfg.connection)
+    check_functional("cm_qk", eta=eta, beta=beta, weight_decay=weight_decay, lam=cfg.lam, msign_steps=cfg.msign_steps)
     _, _, d, _ = _check_pair_args(
         ("wq", "wk", "gq", "gk", "mq", "mk"), wq, wk, gq, gk, mq, mk, head_dim, num_kv_heads, a_rows_are_heads=True
     )
@@ -305,6 +312,7 @@ def cm_ov(
     """
     cfg = resolve_config(config, options, "cm_ov").for_kind("ov")
     _validate_scalars(eta, beta, weight_decay, on_nonfinite, momentum_reproject, cfg.connection)
+    check_functional("cm_ov", eta=eta, beta=beta, weight_decay=weight_decay, lam=cfg.lam, msign_steps=cfg.msign_steps)
     _, _, d, _ = _check_pair_args(
         ("wv", "wo", "gv", "go", "mv", "mo"), wv, wo, gv, go, mv, mo, head_dim, num_kv_heads, a_rows_are_heads=False
     )
