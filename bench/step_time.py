@@ -39,7 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--shape", default="gpt2", help="comma-separated: tiny, small, gpt2, 1b, seed003")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="time torch.compile(optimizer.step)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend (eager: a quick dry run)")
     p.add_argument("--profile", action="store_true", help="torch.profiler summary per optimizer")
+    p.add_argument("--profile-steps", type=int, default=2, help="steps under the profiler")
     p.add_argument("--no-memory", action="store_true", help="skip the transient-memory measurement")
     p.add_argument("--no-peers", action="store_true", help="leave out HeavyBall / pytorch-optimizer")
     p.add_argument("--set", default="core", choices=("core", "all"), help="core rows or every variant")
@@ -49,7 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--msign-dtype", default=None, help="sets COMPOSITIONAL_MUON_MSIGN_DTYPE (e.g. bfloat16)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--repeat", type=int, default=9, help="timed steps per optimizer (at most)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps (the first builds state / compiles)")
     p.add_argument("--budget", type=float, default=10.0, help="seconds of timed steps per optimizer")
     p.add_argument("--min-repeat", type=int, default=3)
     p.add_argument("--slow-step", type=float, default=30.0, help="one sample when a warm-up step is slower")
@@ -91,7 +93,7 @@ def warm_up(entries: list, work, args) -> tuple[dict, dict, dict, list]:
     for e in entries:
         try:
             opt = e.make()
-            step = torch.compile(opt.step) if args.compile else opt.step
+            step = torch.compile(opt.step, backend=args.compile_backend) if args.compile else opt.step
             ts = []
             for _ in range(max(1, args.warmup)):
                 ts.append(measure.timed(step, work, args.device))
@@ -100,7 +102,7 @@ def warm_up(entries: list, work, args) -> tuple[dict, dict, dict, list]:
         except Exception as exc:  # a peer or a variant that cannot run here: report, keep going
             skipped.append(f"{e.name}: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}")
             continue
-        t = min(ts)
+        t = ts[-1]
         n = 1 if t > args.slow_step else max(min(args.repeat, int(args.budget // max(t, 1e-9))), args.min_repeat)
         steps[e.name], need[e.name], warm[e.name] = step, n, ts
         print(f"  warm-up {e.name:<28} {t * 1e3:10.1f} ms -> {n} timed steps", flush=True)
@@ -158,8 +160,8 @@ def run_shape(shape: str, args, rates: flops.Rates) -> dict:
         if not args.no_memory:
             rows[e.name]["memory"] = measure.transient_memory(steps[e.name], work, args.device)
         if args.profile:
-            rows[e.name]["profile"] = measure.profile_steps(steps[e.name], work, args.device)
-    for name, r in rows.items():
+            rows[e.name]["profile"] = measure.profile_steps(steps[e.name], work, args.device, args.profile_steps)
+    for r in rows.values():
         peers = [
             (n, q) for n, q in rows.items() if q["source"] not in ("ours", "torch") and q["algorithm"] == r["algorithm"]
         ]

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from torch.profiler import ProfilerActivity, profile
+from torch.profiler import ProfilerActivity, profile, record_function
 
 from .machine import sync
 
@@ -40,6 +40,7 @@ GEMM_OPS = frozenset(
         "_linalg_solve_ex",
     )
 )
+STEP_MARK = "bench::optimizer_step"
 COPY_OPS = ("aten::copy_", "aten::cat")  # leaf ops that move memory (to/clone/stack/contiguous end in these)
 _ELEM = {"float": 4, "double": 8, "c10::BFloat16": 2, "c10::Half": 2, "long": 8, "int": 4, "bool": 1}
 
@@ -175,22 +176,41 @@ def _copied_bytes(events, device_type) -> int:
     return total
 
 
+def _in(windows, t0, t1) -> bool:
+    return any(a <= t0 and t1 <= b for a, b in windows)
+
+
 def profile_steps(step: Callable[[], object], work: Workload, device: str, steps: int = 2, top: int = 12) -> dict:
-    """torch.profiler over ``steps`` steps: top ops by self time, the share of the step outside
-    GEMM/factorization ops, and bytes moved by copies/concatenations per step."""
+    """torch.profiler over ``steps`` steps (the untimed restores between them excluded): top ops by
+    self time, the share of the step outside GEMM/factorization ops, and the bytes written by
+    copies/concatenations per step."""
     cuda = device.startswith("cuda")
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     walls = []
     with profile(activities=acts, record_shapes=True, profile_memory=True) as prof:
         for _ in range(steps):
-            walls.append(timed(step, work, device))
+            work.restore()
+            sync(device)
+            t0 = time.perf_counter()
+            with record_function(STEP_MARK):
+                step()
+                sync(device)
+            walls.append(time.perf_counter() - t0)
     wall = sum(walls)
+    fevents = prof.events()
+    windows = [(e.time_range.start, e.time_range.end) for e in fevents if e.name == STEP_MARK]
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
-    avg = [a for a in prof.key_averages() if getattr(a, attr) > 0]
-    avg.sort(key=lambda a: getattr(a, attr), reverse=True)
-    gemm_s = sum(getattr(a, attr) for a in avg if a.key in GEMM_OPS) / 1e6
+    by_op: dict = {}
+    for e in fevents:
+        if e.name != STEP_MARK and _in(windows, e.time_range.start, e.time_range.end):
+            t, n = by_op.get(e.name, (0.0, 0))
+            by_op[e.name] = (t + getattr(e, attr), n + 1)
+    ranked = sorted(((k, t, n) for k, (t, n) in by_op.items() if t > 0), key=lambda x: -x[1])
+    gemm_s = sum(t for k, t, _ in ranked if k in GEMM_OPS) / 1e6
     dev = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    events = _events(prof)
+    kevents = _events(prof)
+    ns = [(e.start_ns(), e.start_ns() + e.duration_ns()) for e in kevents if e.name() == STEP_MARK]
+    events = [e for e in kevents if _in(ns, e.start_ns(), e.start_ns() + max(0, e.duration_ns()))]
     return dict(
         steps=steps,
         step_s=wall / steps,
@@ -199,12 +219,6 @@ def profile_steps(step: Callable[[], object], work: Workload, device: str, steps
         copied_bytes=_copied_bytes(events, dev) // steps,
         copy_calls=sum(1 for e in events if e.name() in COPY_OPS) // steps,
         top_ops=[
-            dict(
-                op=a.key,
-                calls=a.count // steps,
-                self_ms=getattr(a, attr) / 1e3 / steps,
-                share=getattr(a, attr) / 1e6 / wall,
-            )
-            for a in avg[:top]
+            dict(op=k, calls=n // steps, self_ms=t / 1e3 / steps, share=t / 1e6 / wall) for k, t, n in ranked[:top]
         ],
     )
