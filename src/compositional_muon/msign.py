@@ -189,15 +189,18 @@ def _polynomial_msign(
     out_dtype = x.dtype
     shape = x.shape
     transposed = x.size(-2) > x.size(-1)
-    y = (x.mT if transposed else x).to(dtype)  # no copy when x is already in the working dtype
-    # Frobenius norm in float32 at least, so a bf16 input cannot overflow the square sum.
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    norm = torch.linalg.matrix_norm(y.to(acc), keepdim=True)
-    # One fresh, contiguous (batch, m, n) tensor in the working dtype (m <= n). Each step is
-    # y <- (a I + b A + c A^2) y with A = y y^T: the polynomial is formed on the small m x m side
-    # (one GEMM-with-bias and a diagonal add), so the m x n iterate sees two GEMMs and no
-    # elementwise pass or copy.
-    y = (y.to(acc) / (norm * norm_scale + MSIGN_EPS)).to(dtype).contiguous()
+    xt = x.mT if transposed else x
+    # Frobenius norm in float32 at least (a bf16 input cannot overflow the square sum), read from
+    # the input itself: no upcast copy. Then one pass writes the normalized matrix, in the working
+    # dtype, into one fresh contiguous (batch, m, n) buffer (m <= n).
+    acc = torch.float64 if torch.float64 in (dtype, x.dtype) else torch.float32
+    norm = torch.linalg.vector_norm(xt, dim=(-2, -1), keepdim=True, dtype=acc)
+    inv = torch.reciprocal(norm * norm_scale + MSIGN_EPS)
+    y = torch.empty(xt.shape, dtype=dtype, device=x.device)
+    torch.mul(xt, inv, out=y)  # computed in `acc`, rounded once into the working dtype
+    # Each step is y <- (a I + b A + c A^2) y with A = y y^T: the polynomial is formed on the small
+    # m x m side (one GEMM-with-bias and a diagonal add), so the m x n iterate sees two GEMMs and
+    # no elementwise pass or copy.
     y = y.flatten(0, -3) if y.ndim > 2 else y.unsqueeze(0)
     for a, b, c in coeffs:
         A = torch.bmm(y, y.mT)
