@@ -32,6 +32,7 @@ class CircuitMuon(Muon):
     """Muon + Circuit-Muon's OV rescaling. Build with :meth:`from_model`."""
 
     checked_attributes = ("lam",)  # validated with the param groups at every step (validation.py)
+    bucketed = False  # the V/O circuit correction couples the matrices of a pair
 
     def __init__(self, param_groups, ov_pairs=(), *, lam: float = 1e-3, nonfinite: str = "raise"):
         validation.check_value("lam", lam, "CircuitMuon: ")

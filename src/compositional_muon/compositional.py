@@ -20,6 +20,7 @@ from torch import nn
 
 from . import state_check, validation
 from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, route_parameters
+from .buckets import DEFAULT_BUCKET_BYTES
 from .cm import CMConfig, apply_update, normalize_head_rows
 from .cm.kernel import ZTransform
 from .diagnostics import pair_stats
@@ -90,12 +91,20 @@ class CompositionalMuon(Muon):
     Hyperparameters are checked at construction and at every step (:mod:`~compositional_muon.validation`).
     """
 
-    def __init__(self, param_groups, *, nonfinite: str = "raise", track_stats: bool = False, distributed="auto"):
+    def __init__(
+        self,
+        param_groups,
+        *,
+        nonfinite: str = "raise",
+        track_stats: bool = False,
+        distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+    ):
         self.track_stats = track_stats
         self.last_stats: dict = {}
         self.routing: list = []
         self._names: dict[int, str] = {}
-        super().__init__(param_groups, nonfinite=nonfinite, distributed=distributed)
+        super().__init__(param_groups, nonfinite=nonfinite, distributed=distributed, bucket_bytes=bucket_bytes)
 
     # -- construction -----------------------------------------------------------------------------
     @classmethod
@@ -122,6 +131,7 @@ class CompositionalMuon(Muon):
         track_stats: bool = False,
         verbose: bool = False,
         distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
         **cm_options,
     ):
         """CM on every attention pair of ``model``, Muon on the other matrices, AdamW on the rest.
@@ -171,7 +181,9 @@ class CompositionalMuon(Muon):
                     weight_decay=adamw_weight_decay,
                 )
             )
-        opt = cls(groups, nonfinite=nonfinite, track_stats=track_stats, distributed=distributed)
+        opt = cls(
+            groups, nonfinite=nonfinite, track_stats=track_stats, distributed=distributed, bucket_bytes=bucket_bytes
+        )
         names = {id(p): n for n, p in model.named_parameters()}
         opt.routing = (
             [(n, "cm", tuple(p.shape)) for n, p in cm]

@@ -19,6 +19,7 @@ import numbers
 
 import torch
 
+from .buckets import DEFAULT_BUCKET_BYTES
 from .msign import BACKENDS, msign
 from .ops import decoupled_add
 from .routing import RoutedOptimizer
@@ -158,6 +159,7 @@ class Muon(MsignOptimizer):
         *,
         nonfinite: str = "raise",
         distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
     ):
         super().__init__(
             params,
@@ -173,6 +175,7 @@ class Muon(MsignOptimizer):
             ),
             nonfinite=nonfinite,
             distributed=distributed,
+            bucket_bytes=bucket_bytes,
         )
 
 
@@ -190,5 +193,12 @@ class MuonWithAuxAdam(Muon):
 
     require_use_muon = True
 
-    def __init__(self, param_groups, *, nonfinite: str = "raise", distributed="auto"):
-        super().__init__(param_groups, nonfinite=nonfinite, distributed=distributed)
+    def __init__(
+        self,
+        param_groups,
+        *,
+        nonfinite: str = "raise",
+        distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+    ):
+        super().__init__(param_groups, nonfinite=nonfinite, distributed=distributed, bucket_bytes=bucket_bytes)

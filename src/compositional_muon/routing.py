@@ -15,7 +15,10 @@ import torch
 
 from . import state_check, validation
 from .adamw import ADAMW_DEFAULTS, adamw_step
+from .buckets import DEFAULT_BUCKET_BYTES, check_bucket_bytes
+from .buckets import plan as plan_buckets
 from .finite import NonFiniteError, finite_flags
+from .msign import default_msign_dtype
 from .parallel import Parallel, is_dtensor
 
 __all__ = ["RoutedOptimizer", "check_grads", "NonFiniteError"]
@@ -64,10 +67,23 @@ class RoutedOptimizer(torch.optim.Optimizer):
     require_use_muon: bool = False  # MuonWithAuxAdam insists on the flag
     min_matrix_ndim: int = 2
 
-    def __init__(self, params, defaults: dict | None = None, *, nonfinite: str = "raise", distributed="auto"):
+    # the matrix step treats each matrix on its own, so it may run over byte-capped buckets
+    # (see buckets.py); an optimizer whose update couples matrices sets this False
+    bucketed: bool = True
+
+    def __init__(
+        self,
+        params,
+        defaults: dict | None = None,
+        *,
+        nonfinite: str = "raise",
+        distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
+    ):
         if nonfinite not in _NONFINITE:
             raise ValueError(f"unknown nonfinite policy {nonfinite!r}; expected one of {_NONFINITE}")
         self.nonfinite = nonfinite
+        self.bucket_bytes = check_bucket_bytes(bucket_bytes)
         # How work is spread over processes (see compositional_muon.parallel): "auto" spreads the
         # msign work of replicated (DDP) parameters when torch.distributed is initialized; False
         # never; DTensor (FSDP2) parameters always take the shard-aware strategies.
@@ -166,7 +182,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
             if not params:
                 continue
             if group["use_muon"]:
-                self._matrix_step(group, params)
+                self._bucketed_matrix_step(group, params)
             else:
                 adamw_step(
                     params,
@@ -196,6 +212,16 @@ class RoutedOptimizer(torch.optim.Optimizer):
 
     def _before_step(self) -> None:
         """Hook for optimizers that need work before the groups are stepped."""
+
+    def _bucketed_matrix_step(self, group: dict, params: list) -> None:
+        """:meth:`_matrix_step` over byte-capped buckets of ``params`` (:func:`buckets.plan`), so
+        the step's transient memory stays bounded; one call when the class is not ``bucketed``."""
+        if not self.bucketed:
+            self._matrix_step(group, params)
+            return
+        work = group.get("msign_dtype") or default_msign_dtype(params[0].device)
+        for chunk in plan_buckets(params, self.bucket_bytes, work):
+            self._matrix_step(group, chunk)
 
     def _matrix_step(self, group: dict, params: list) -> None:
         raise NotImplementedError

@@ -22,6 +22,7 @@ import math
 
 import torch
 
+from ..buckets import DEFAULT_BUCKET_BYTES
 from ..muon import MsignOptimizer, as_matrix
 from ..ops import decoupled_add
 
@@ -97,6 +98,7 @@ class AdaMuon(MsignOptimizer):
         *,
         nonfinite: str = "raise",
         distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
     ):
         super().__init__(
             params,
@@ -114,6 +116,7 @@ class AdaMuon(MsignOptimizer):
             ),
             nonfinite=nonfinite,
             distributed=distributed,
+            bucket_bytes=bucket_bytes,
         )
 
     def _validate_group(self, group: dict) -> None:

@@ -24,6 +24,7 @@ import math
 
 import torch
 
+from ..buckets import DEFAULT_BUCKET_BYTES
 from ..muon import as_matrix
 from ..ops import decoupled_add
 from ..routing import RoutedOptimizer
@@ -81,6 +82,7 @@ class Mano(RoutedOptimizer):
         *,
         nonfinite: str = "raise",
         distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
     ):
         if nesterov is None:
             nesterov = version == 2
@@ -89,6 +91,7 @@ class Mano(RoutedOptimizer):
             dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, eps=eps, version=version),
             nonfinite=nonfinite,
             distributed=distributed,
+            bucket_bytes=bucket_bytes,
         )
 
     def _validate_group(self, group: dict) -> None:

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .. import parallel as _par
+from ..buckets import DEFAULT_BUCKET_BYTES
 from ..muon import MsignOptimizer, Muon, as_matrix, muon_momentum
 
 __all__ = ["NewtonMuon", "NewtonMuonHooks", "newton_precondition", "newton_refresh", "input_second_moment"]
@@ -177,6 +178,7 @@ class NewtonMuon(MsignOptimizer):
         *,
         nonfinite: str = "raise",
         distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
     ):
         super().__init__(
             params,
@@ -197,6 +199,7 @@ class NewtonMuon(MsignOptimizer):
             ),
             nonfinite=nonfinite,
             distributed=distributed,
+            bucket_bytes=bucket_bytes,
         )
         self._hooks: list = []  # [module, handle, weight, nblocks]
         self._sources: dict = {}  # weight -> number of diagonal blocks of its K

@@ -24,6 +24,7 @@ import math
 import torch
 
 from .. import parallel as _par
+from ..buckets import DEFAULT_BUCKET_BYTES
 from ..muon import MsignOptimizer, shape_scale
 from ..ops import decoupled_add
 
@@ -115,6 +116,7 @@ class NorMuon(MsignOptimizer):
         *,
         nonfinite: str = "raise",
         distributed="auto",
+        bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
     ):
         super().__init__(
             params,
@@ -133,6 +135,7 @@ class NorMuon(MsignOptimizer):
             ),
             nonfinite=nonfinite,
             distributed=distributed,
+            bucket_bytes=bucket_bytes,
         )
 
     def _validate_group(self, group: dict) -> None:
