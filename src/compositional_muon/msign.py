@@ -163,30 +163,38 @@ def _check(x: torch.Tensor) -> None:
         raise TypeError(f"msign expects a real floating-point tensor, got {x.dtype}")
 
 
-def newton_schulz(x: torch.Tensor, steps: int = 5, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def newton_schulz(
+    x: torch.Tensor, steps: int = 5, *, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Approximate ``msign(x)`` with ``steps`` iterations of the fixed quintic (3.4445, -4.7750, 2.0315)."""
     _check(x)
     if steps < 1:
         raise ValueError("msign needs at least one iteration step")
     sched = msign_schedule("newton_schulz", steps)
-    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale)
+    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale, out_dtype)
 
 
-def polar_express(x: torch.Tensor, steps: int = 8, *, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def polar_express(
+    x: torch.Tensor, steps: int = 8, *, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """Approximate ``msign(x)`` with ``steps`` Polar Express quintics (schedule extended by its last step)."""
     _check(x)
     if steps < 1:
         raise ValueError("msign needs at least one iteration step")
     sched = msign_schedule("polar_express", steps)
-    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale)
+    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale, out_dtype)
 
 
 def _polynomial_msign(
-    x: torch.Tensor, coeffs: Sequence[tuple[float, float, float]], dtype: torch.dtype, norm_scale: float
+    x: torch.Tensor,
+    coeffs: Sequence[tuple[float, float, float]],
+    dtype: torch.dtype,
+    norm_scale: float,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     if len(coeffs) < 1:
         raise ValueError("msign needs at least one iteration step")
-    out_dtype = x.dtype
+    out_dtype = x.dtype if out_dtype is None else out_dtype
     shape = x.shape
     transposed = x.size(-2) > x.size(-1)
     xt = x.mT if transposed else x
@@ -227,19 +235,22 @@ def msign(
     steps: int | None = None,
     *,
     dtype: torch.dtype | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Polar factor ``U V^T`` of every matrix in ``x`` (shape ``(..., m, n)``).
 
     ``backend`` is one of ``"polar_express"`` (default), ``"newton_schulz"`` or ``"svd"``;
     ``steps`` overrides the iterative backends' step count (8 and 5); ``dtype`` is the iteration's
     working precision (None: :func:`default_msign_dtype` of ``x.device``, bfloat16 on accelerators;
-    ignored by ``"svd"``, which works in ``x.dtype``).
+    ignored by ``"svd"``, which works in ``x.dtype``); ``out_dtype`` the result's (None: ``x.dtype``;
+    passing the working dtype skips the final cast when the caller can consume it as is).
     """
     _check(x)
     if backend == "svd":
         if steps is not None:
             raise ValueError("backend='svd' is exact and takes no `steps`")
-        return svd_polar(x)
+        z = svd_polar(x)
+        return z if out_dtype is None else z.to(out_dtype)
     if backend not in DEFAULT_STEPS:
         raise ValueError(f"unknown msign backend {backend!r}; expected one of {BACKENDS}")
     n = DEFAULT_STEPS[backend] if steps is None else int(steps)
@@ -247,5 +258,5 @@ def msign(
         raise ValueError(f"msign `steps` must be >= 1, got {steps}")
     work = default_msign_dtype(x.device) if dtype is None else dtype
     if backend == "newton_schulz":
-        return newton_schulz(x, n, dtype=work)
-    return polar_express(x, n, dtype=work)
+        return newton_schulz(x, n, dtype=work, out_dtype=out_dtype)
+    return polar_express(x, n, dtype=work, out_dtype=out_dtype)

@@ -20,8 +20,9 @@ import numbers
 import torch
 
 from .buckets import DEFAULT_BUCKET_BYTES
-from .msign import BACKENDS, msign
+from .msign import BACKENDS, default_msign_dtype, msign
 from .ops import decoupled_add
+from .parallel import is_dtensor
 from .routing import RoutedOptimizer
 
 __all__ = ["Muon", "MuonWithAuxAdam", "MsignOptimizer", "muon_momentum", "shape_scale", "ADJUST_LR_FNS"]
@@ -84,39 +85,86 @@ class MsignOptimizer(RoutedOptimizer):
             raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
 
     def _directions(self, group: dict, params: list) -> list:
-        """Momentum step for each param; returns the 2-D directions to orthogonalize."""
-        out = []
-        for p in params:
+        """Momentum step for each param; returns the 2-D directions to orthogonalize. Directions
+        of same-shape, same-dtype params are written straight into one stacked buffer (returned as
+        its slices), so the batched msign needs no stacking copy."""
+        beta, nesterov = group["momentum"], group["nesterov"]
+        if any(is_dtensor(p) for p in params):  # sharded (FSDP2): one direction per param
+            out = []
+            for p in params:
+                buf = self._state_buffer(p, "momentum_buffer")
+                out.append(as_matrix(muon_momentum(buf, p.grad, beta, nesterov)))
+            return out
+        classes: dict = {}
+        for i, p in enumerate(params):
             buf = self._state_buffer(p, "momentum_buffer")
-            out.append(as_matrix(muon_momentum(buf, p.grad, group["momentum"], group["nesterov"])))
-        return out
+            buf.lerp_(p.grad.to(buf.dtype), 1 - beta)
+            classes.setdefault((tuple(as_matrix(buf).shape), buf.dtype, buf.device), []).append(i)
+        dirs: list = [None] * len(params)
+        for (shape, dtype, device), idx in classes.items():
+            stack = torch.empty((len(idx), *shape), dtype=dtype, device=device)
+            for j, i in enumerate(idx):
+                buf = as_matrix(self.state[params[i]]["momentum_buffer"])
+                if nesterov:
+                    torch.lerp(as_matrix(params[i].grad).to(dtype), buf, beta, out=stack[j])
+                else:
+                    stack[j].copy_(buf)
+                dirs[i] = stack[j]
+        return dirs
 
-    def _orthogonalize(self, group: dict, dirs: list) -> list:
+    def _orthogonalize(self, group: dict, dirs: list, out_dtype: torch.dtype | None = None) -> list:
         """msign of every direction, through the strategy ``self.parallel`` picks for each (spread
-        over DDP ranks, owner ranks for FSDP2 shards, or this process)."""
+        over DDP ranks, owner ranks for FSDP2 shards, or this process). ``out_dtype`` (results'
+        dtype; None: the directions') applies in this process only."""
+        if not self.parallel.active(dirs):
+            return self._orthogonalize_local(group, dirs, out_dtype)
         return self.parallel.matrices(dirs, lambda mats: self._orthogonalize_local(group, mats))
 
-    def _orthogonalize_local(self, group: dict, dirs: list) -> list:
-        """msign of every direction; same-shape, same-dtype matrices share one batched call."""
+    def _orthogonalize_local(self, group: dict, dirs: list, out_dtype: torch.dtype | None = None) -> list:
+        """msign of every direction; same-shape, same-dtype matrices share one batched call (the
+        directions' own stacked buffer when they are its slices in order, see :meth:`_directions`)."""
         steps = None if group["backend"] == "svd" else int(group["ns_steps"])
         out = [None] * len(dirs)
         buckets: dict = {}
         for i, u in enumerate(dirs):
             buckets.setdefault((tuple(u.shape), u.dtype), []).append(i)
         for idx in buckets.values():
-            batch = torch.stack([dirs[i] for i in idx]) if len(idx) > 1 else dirs[idx[0]].unsqueeze(0)
+            batch = _stacked(dirs, idx)
             # an empty matrix (a zero-width layer) is its own polar factor; the SVD backend rejects it
-            z = msign(batch, group["backend"], steps, dtype=group["msign_dtype"]) if batch.numel() else batch
+            z = (
+                msign(batch, group["backend"], steps, dtype=group["msign_dtype"], out_dtype=out_dtype)
+                if batch.numel()
+                else batch
+            )
             for j, i in enumerate(idx):
                 out[i] = z[j]
         return out
 
     def _matrix_step(self, group: dict, params: list) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
-        zs = self._orthogonalize(group, self._directions(group, params))
+        # the msign results stay in the working precision; decoupled_add reads them as they are
+        # (exact upcast, same result as casting first)
+        work = None if group["backend"] == "svd" else group["msign_dtype"] or default_msign_dtype(params[0].device)
+        zs = self._orthogonalize(group, self._directions(group, params), out_dtype=work)
         for p, z in zip(params, zs):
             scale = shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])
             decoupled_add(p, z.reshape(p.shape), lr * wd, alpha=-lr * scale)
+
+
+def _stacked(dirs: list, idx: list) -> torch.Tensor:
+    """``torch.stack`` of ``dirs[i] for i in idx``, or their common base when they already are
+    its consecutive slices (no copy)."""
+    first = dirs[idx[0]]
+    base = first._base
+    if (
+        base is not None
+        and base.is_contiguous()
+        and base.size(0) == len(idx)
+        and base.shape[1:] == first.shape
+        and all(dirs[i]._base is base and dirs[i].data_ptr() == base[j].data_ptr() for j, i in enumerate(idx))
+    ):
+        return base
+    return torch.stack([dirs[i] for i in idx]) if len(idx) > 1 else first.unsqueeze(0)
 
 
 class Muon(MsignOptimizer):
