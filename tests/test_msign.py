@@ -148,3 +148,12 @@ def test_bad_input():
         msign(torch.ones(3, 3), "svd", steps=3)
     with pytest.raises(TypeError):
         svd_polar(torch.ones(3, 3, dtype=torch.complex64))
+
+
+def test_msign_is_differentiable_and_matches_the_no_grad_path():
+    x = torch.randn(3, 8, 20, dtype=torch.float64, requires_grad=True)
+    y = msign(x, "polar_express", dtype=torch.float64)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with torch.no_grad():
+        assert torch.equal(msign(x, "polar_express", dtype=torch.float64), y.detach())

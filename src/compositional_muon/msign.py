@@ -204,8 +204,11 @@ def _polynomial_msign(
     acc = torch.float64 if torch.float64 in (dtype, x.dtype) else torch.float32
     norm = torch.linalg.vector_norm(xt, dim=(-2, -1), keepdim=True, dtype=acc)
     inv = torch.reciprocal(norm * norm_scale + MSIGN_EPS)
-    y = torch.empty(xt.shape, dtype=dtype, device=x.device)
-    torch.mul(xt, inv, out=y)  # computed in `acc`, rounded once into the working dtype
+    if torch.is_grad_enabled() and xt.requires_grad:  # differentiable path (out= is not)
+        y = (xt * inv).to(dtype).contiguous()
+    else:
+        y = torch.empty(xt.shape, dtype=dtype, device=x.device)
+        torch.mul(xt, inv, out=y)  # computed in `acc`, rounded once into the working dtype
     # Each step is y <- (a I + b A + c A^2) y with A = y y^T: the polynomial is formed on the small
     # m x m side (one GEMM-with-bias and a diagonal add), so the m x n iterate sees two GEMMs and
     # no elementwise pass or copy.
