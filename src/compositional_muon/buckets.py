@@ -37,18 +37,18 @@ MIN_BUCKET_BYTES = 4 * MIB
 SMALL_SCALE_FRACTION = 0.4
 
 
-def check_bucket_bytes(value) -> int | None:
+def check_bucket_bytes(value: object) -> int | None:
     """``bucket_bytes`` as an int, or None (one bucket); a one-line error for anything else."""
     if value is None:
         return None
     if (
         isinstance(value, bool)
         or not isinstance(value, numbers.Real)
-        or not 1 <= value < math.inf
-        or value != int(value)
+        or not 1 <= float(value) < math.inf
+        or float(value) != int(float(value))
     ):
         raise ValueError(f"bucket_bytes must be a positive integer number of bytes or None, got {value!r}")
-    return int(value)
+    return int(float(value))
 
 
 def _elem(dtype: torch.dtype) -> int:
