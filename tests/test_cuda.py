@@ -116,7 +116,8 @@ def test_stacked_step_equals_functional_per_layer_on_device():
 
 def test_compiled_pair_update_on_device():
     g = torch.Generator().manual_seed(3)
-    A, B, Ua, Ub = (torch.randn(2, 2, 2, 8, 32, generator=g).to(DEVICE) for _ in range(4))
+    # (layers, heads, d, D): 4 query heads sharing 2 key heads
+    A, B, Ua, Ub = (torch.randn(2, h, 8, 32, generator=g).to(DEVICE) for h in (4, 2, 4, 2))
     cfg = CMConfig(msign_dtype=F32, hybrid=False)
     ref = pair_update(A, B, Ua, Ub, 0.02, cfg)
     out = compiled_pair_update(A, B, Ua, Ub, 0.02, cfg, backend="eager" if DEVICE == "cpu" else "inductor")
