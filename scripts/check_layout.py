@@ -28,9 +28,6 @@ EXCEPTIONS: dict[str, str] = {
     "training/train.py:build_parser": "argparse table: one add_argument per CLI flag",
     "training/train.py:_run": "training loop; split pending with train.py (training side of issue 11)",
     "compositional.py:CompositionalMuon.from_model": "24 keyword-only options in the signature (each documented); the body is ~35 lines",
-    "training/experiments.py": "experiments runner; split by concern pending (training side of issue 11)",
-    "training/experiments.py:plan_runs": "experiments planning; split pending with experiments.py",
-    "training/experiments.py:markdown_tables": "report tables; split pending with experiments.py",
     "training/data.py": "datasets and loaders (training side of issue 11)",
     "training/recipes.py:build_optimizer": "one branch per optimizer name of the CLI (training side)",
 }

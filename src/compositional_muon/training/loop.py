@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .evaluation import evaluate_fixed
+
 __all__ = ["evaluate", "train_step", "train_loop", "LoopEnd"]
 
 
@@ -25,17 +27,17 @@ class LoopEnd:
     signal: str = ""
 
 
-@torch.no_grad()
-def evaluate(model, data, args, device, runner) -> float:
-    """Mean validation loss over ``args.eval_iters`` batches drawn by the data's val generator."""
-    was = model.training
-    model.eval()
-    losses = []
-    for _ in range(args.eval_iters):
-        x, y = data.get_batch("val", args.batch_size, args.block_size, device)
-        losses.append(model(runner.shard(x), runner.shard(y))[1].item())
-    model.train(was)
-    return sum(losses) / len(losses)
+def evaluate(model, data, args, device, runner=None):
+    """The fixed validation set (training/evaluation.py): ``eval_iters * batch_size`` windows, the
+    same at every evaluation; every rank scores all of them (the result is the same on each)."""
+    return evaluate_fixed(
+        model,
+        data.split("val"),
+        block_size=args.block_size,
+        n_windows=args.eval_iters * args.batch_size,
+        batch_size=args.batch_size,
+        device=device,
+    )
 
 
 def train_step(st, args, before_update=None) -> dict:
@@ -94,7 +96,7 @@ def train_loop(st, args, step: int, elapsed: float, stop, metrics, logs) -> Loop
         rec = dict(step=step, **rec, step_time=dt, tokens_per_s=tokens_per_step / max(dt, 1e-9))
         rec["elapsed"] = time.time() - start
         if step % args.eval_interval == 0 or step == args.steps:
-            rec["val_loss"] = st.runner.mean(evaluate(st.model, st.data, args, st.runner.device, st.runner))
+            rec.update(evaluate(st.model, st.data, args, st.runner.device).record(with_losses=step == args.steps))
         logs.after_step(rec)
         metrics.write(json.dumps(rec) + "\n")
         metrics.flush()
