@@ -359,7 +359,7 @@ def test_torchrun_fsdp2_split_and_resume_matches_single_process(tmp_path, monkey
     r = subprocess.run(
         ddp + common + ["--out", out, "--resume", "auto"], env=env, capture_output=True, text=True, timeout=600
     )
-    assert r.returncode != 0 and "written by --dist fsdp2 with 2 processes" in r.stderr, r.stderr[-2000:]
+    assert r.returncode != 0 and "written by --dist fsdp2" in r.stderr, r.stderr[-2000:]
     assert "exitcode: 2" in r.stderr  # the workers' one-line error; torchrun's own traceback follows
     assert not re.search(r'File ".*compositional_muon', r.stderr), r.stderr[-2000:]
     a, b = _metrics(single), _metrics(out)

@@ -20,6 +20,7 @@ from .buckets import plan as plan_buckets
 from .finite import NonFiniteError, finite_flags
 from .msign import default_msign_dtype
 from .parallel import Parallel, is_dtensor
+from .parallel.mesh import check_supported
 
 __all__ = ["RoutedOptimizer", "check_grads", "NonFiniteError"]
 
@@ -121,6 +122,8 @@ class RoutedOptimizer(torch.optim.Optimizer):
                         f"{tuple(p.shape)}. Put 0-D/1-D parameters (gains, biases) in a use_muon=False (AdamW) group"
                     )
         validation.check_new_group(self, group)  # the ranges table (validation.py)
+        if group["use_muon"]:  # a DTensor layout no strategy can update exactly: refuse before any step
+            check_supported(group["params"], type(self).__name__)
         self._validate_group(group)
         self._register_group(group)
 

@@ -32,6 +32,7 @@ __all__ = [
     "map_local",
     "dtensor_groups",
     "Factor",
+    "dim_rows",
     "factor_layout",
     "local_heads",
 ]
@@ -157,7 +158,8 @@ def map_local(t: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     """``fn`` applied to the local shard of a row-sharded DTensor (row-wise ``fn`` only), rewrapped."""
     if not is_dtensor(t):
         return fn(t)
-    if row_sharding(t) is None and any(not isinstance(p, Replicate) for p in t.placements):
+    found = dim_rows(t) if any(not isinstance(p, Replicate) for p in t.placements) else (0, None)
+    if found is None or found[0] != 0:  # columns split, or a box: gather, apply, re-shard
         return reshard(fn(gather_full(t, "map_local")), t)
     return from_local(fn(t.to_local()), t)
 
@@ -179,16 +181,46 @@ def dtensor_groups(tensors: Iterable[Any]) -> list[Any]:
 class Factor:
     """Where one CM factor's heads live relative to the shards.
 
-    ``mode``: ``"heads"`` (heads are row blocks of the sharded dim, each within one rank; this rank
-    holds heads ``lo:hi``, rank ``r`` heads ``spans[r]``), ``"width"`` (heads are columns, every
-    rank holds rows ``rows.lo:rows.hi`` of every head's width), ``"full"`` (not sharded),
-    ``"split"`` (a head straddles a shard boundary) or ``"other"`` (not a dim-0 1-D sharding)."""
+    ``mode``: ``"heads"`` (heads are blocks of the split dim, each within one rank; this rank
+    holds heads ``lo:hi``, rank ``r`` heads ``spans[r]``), ``"width"`` (heads lie along the other
+    dim; every rank holds rows ``rows.lo:rows.hi`` of every head's width), ``"full"`` (not split),
+    ``"split"`` (a head straddles a shard boundary) or ``"other"`` (a layout the sharded path
+    cannot use). ``dim``: the tensor dim that is split (0 under FSDP2 and for TP's column-parallel
+    weights, 1 for TP's row-parallel ``o_proj``). A "width" factor whose heads are also split
+    (FSDP x TP's ``W_o``: width rows over dp, head columns over tp) holds heads ``lo:hi``, the
+    first at ``head_off`` along the head axis, and ``whole`` is its layout over every rank."""
 
     mode: str
     rows: Rows | None = None
     lo: int = 0
     hi: int = 0
-    spans: tuple[tuple[int, int], ...] = ()
+    spans: tuple = ()
+    dim: int = 0
+    head_off: int = 0
+    whole: Any = None
+
+    @property
+    def all_group(self) -> Any:
+        """The group over every rank holding a distinct part (norms, agreement, hybrid msign)."""
+        if self.whole is not None:
+            return self.whole.group
+        return self.rows.group if self.rows is not None else None
+
+
+def dim_rows(p: Any) -> tuple[int, Rows] | None:
+    """``(dim, Rows)`` for a DTensor split along one tensor dim only (any mesh, see
+    :func:`.mesh.shard_layout`); None when nothing or two dims are split."""
+    rows = row_sharding(p)
+    if rows is not None:
+        return 0, rows
+    from .mesh import shard_layout, single_dim
+
+    lay = shard_layout(p)
+    k = single_dim(lay)
+    if k is None:
+        return None
+    starts, ends = lay.ranges(k)
+    return k, Rows(lay.group, lay.rank, lay.world, starts, ends)
 
 
 def factor_layout(p: Any, ref: tuple[int, int, int], n: int, d: int) -> Factor:
@@ -196,37 +228,60 @@ def factor_layout(p: Any, ref: tuple[int, int, int], n: int, d: int) -> Factor:
     axis, offset, stride = ref
     if not is_dtensor(p):
         return Factor("full", None, 0, n, ((0, n),))
-    rows = row_sharding(p)
-    if rows is None:
-        if all(isinstance(pl, Replicate) for pl in p.placements):
+    found = dim_rows(p)
+    if found is None:
+        from .mesh import shard_layout
+
+        lay = shard_layout(p)
+        if not lay.sharded_dims:
             return Factor("full", None, 0, n, ((0, n),))
-        return Factor("other")
-    if axis == 1:
-        return Factor("width", rows, 0, n, tuple((0, n) for _ in range(rows.world)))
-    owners: list[int] = []
+        return _two_dims(p, lay, ref, n, d)
+    dim, rows = found
+    if axis != dim:
+        return Factor("width", rows, 0, n, tuple((0, n) for _ in range(rows.world)), dim)
+    owners = []
     for h in range(n):
         a = offset + h * stride
         r = rows.owner(a)
         if a + d > rows.ends[r]:
-            return Factor("split", rows)
+            return Factor("split", rows, dim=dim)
         owners.append(r)
-    spans: list[tuple[int, int]] = []
-    first = 0
+    spans = []
     for r in range(rows.world):
-        cnt = sum(1 for o in owners if o == r)
-        spans.append((first, first + cnt))
-        first += cnt
+        hs = [h for h, o in enumerate(owners) if o == r]
+        if hs and hs[-1] - hs[0] + 1 != len(hs):
+            return Factor("split", rows, dim=dim)
+        spans.append((hs[0], hs[-1] + 1) if hs else (0, 0))
     lo, hi = spans[rows.rank]
-    return Factor("heads", rows, lo, hi, tuple(spans))
+    return Factor("heads", rows, lo, hi, tuple(spans), dim)
+
+
+def _two_dims(p: Any, lay: Any, ref: tuple[int, int, int], n: int, d: int) -> Factor:
+    """A 2-D weight split along both dims (FSDP x TP's ``W_o``): a "width" factor over the mesh
+    dims that split the width, holding the whole heads of the head-axis split; "other" when a head
+    is not whole or the heads are not packed (offset 0, stride d)."""
+    from .mesh import dim_split
+
+    axis, offset, stride = ref
+    if p.ndim != 2 or len(lay.sharded_dims) != 2 or offset != 0 or stride != d:
+        return Factor("other")
+    hs, ws = dim_split(p, axis), dim_split(p, 1 - axis)
+    if hs is None or ws is None or any(a % d or b % d for a, b in zip(hs.starts, hs.ends)):
+        return Factor("other")
+    h_lo, h_hi = hs.starts[hs.rank], hs.ends[hs.rank]
+    if h_hi > n * d:
+        return Factor("other")
+    rows = Rows(ws.group, ws.rank, ws.world, ws.starts, ws.ends)
+    return Factor("width", rows, h_lo // d, h_hi // d, (), 1 - axis, h_lo, lay)
 
 
 def local_heads(t: torch.Tensor, ref: tuple[int, int, int], f: Factor, d: int) -> torch.Tensor:
     """Kernel-layout view ``(heads, d, width)`` of this rank's part of a factor in the local shard ``t``."""
     axis, offset, stride = ref
-    if f.mode == "width":
-        return head_view(t, 1, offset, stride, f.hi, d)
-    if f.mode == "full":
+    if f.mode == "width" and f.whole is not None:
+        return head_view(t, axis, offset + f.lo * stride - f.head_off, stride, f.hi - f.lo, d)
+    if f.mode in ("width", "full"):
         return head_view(t, axis, offset, stride, f.hi, d)
     if f.hi == f.lo or f.rows is None:
-        return t.new_empty((0, d, t.size(1)))
-    return head_view(t, 0, offset + f.lo * stride - f.rows.lo, stride, f.hi - f.lo, d)
+        return t.new_empty((0, d, t.size(1 - axis)))
+    return head_view(t, axis, offset + f.lo * stride - f.rows.lo, stride, f.hi - f.lo, d)

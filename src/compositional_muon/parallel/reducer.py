@@ -18,9 +18,11 @@ import torch
 from ..cm.config import CMConfig
 from ..cm.kernel import PairReducer
 from ..msign import msign
+from .box import owner_compute_boxes
 from .comm import all_reduce
 from .gram_msign import gram_msign
 from .layout import Factor
+from .mesh import ShardLayout
 from .work import msign_cost, owner_compute
 
 __all__ = ["ShardedReducer"]
@@ -69,7 +71,8 @@ class ShardedReducer(PairReducer):
         return za, zb
 
     def sum_norms(self, sq: Tensor) -> Tensor:
-        return all_reduce(sq, self.group, self.tag + ".renorm")
+        group = self.fa.all_group if self.fa.whole is not None else self.group
+        return all_reduce(sq, group, self.tag + ".renorm")
 
     def _gram_msigns(self, items: list[tuple[str, Tensor]], cfg: CMConfig) -> list[tuple[str, Tensor]]:
         """Width-sharded heads: one all-reduce of every head's ``d x d`` msign Gram, then msign from it."""
@@ -88,6 +91,8 @@ class ShardedReducer(PairReducer):
         L, ng, G, d = Xa.size(0), Xa.size(1), Xa.size(2), Xa.size(3)
         if fa.rows is None:
             raise RuntimeError("a sharded factor has no row layout")
+        if fa.whole is not None:
+            return self._hybrid_boxes(Xa, ms)
         if fa.mode == "width":  # heads are columns: shard rows are the width D -> jobs are M^T (D x H d)
             jobs = [Xa[i].reshape(H * d, Xa.size(-1)).mT.contiguous() for i in range(L)]
             shapes = [(D, H * d)] * L
@@ -108,6 +113,21 @@ class ShardedReducer(PairReducer):
         if fa.mode == "width":
             return torch.stack([o.mT for o in outs]).reshape(L, ng, G, d, -1)
         return torch.stack(outs).reshape(L, ng, G, d, D)
+
+    def _hybrid_boxes(self, Xa: Tensor, ms: dict[str, Any]) -> Tensor:
+        """The hybrid msign of a ``W_o`` split along both dims (FSDP x TP): every rank's box of the
+        kernel-layout ``(H d) x D`` matrix to the layer's owner and back, over all ranks."""
+        fa, H, D = self.fa, self.H, self.D
+        w, k, d, L = fa.whole, fa.dim, Xa.size(3), Xa.size(0)
+        boxes = tuple((b[1 - k], b[k]) for b in w.boxes)  # (head axis, width) of each rank's part
+        lay = ShardLayout((H * d, D), w.group, w.rank, w.world, boxes, w.replicas)
+        jobs = [Xa[i].reshape(-1, Xa.size(-1)).contiguous() for i in range(L)]
+
+        def fn(fulls: list[Tensor]) -> list[Tensor]:
+            return list(msign(torch.stack(fulls), **ms).unbind(0))
+
+        outs = owner_compute_boxes(jobs, [lay] * L, [msign_cost((H * d, D))] * L, fn, self.tag + ".hybrid")
+        return torch.stack(outs).reshape(Xa.shape)
 
 
 def _local_msign(X: Tensor, ms: dict[str, Any]) -> Tensor:

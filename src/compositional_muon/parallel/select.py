@@ -3,9 +3,14 @@
 The optimizers know only this interface; what ``torch.distributed`` is doing stays in this package.
 Selection (today's rules, per tensor / per CM group):
 
-* a DTensor row-sharded on dim 0 over a 1-D mesh -> :class:`ShardedDTensor` (CM picks per pair
-  between shard-local, sharded-with-reductions and :class:`GatherFallback`);
-* any other DTensor -> :class:`GatherFallback`;
+* a DTensor stack of matrices split along its stack dims -> :class:`~.mesh_strategies.ExpertParallel`
+  (local); a DTensor with replicated and sharded mesh dims -> :class:`~.mesh_strategies.HybridSharded`
+  (HSDP); any other split DTensor but FSDP2's rows -> :class:`~.mesh_strategies.TensorParallel`
+  (TP, FSDP x TP: owner msign box by box);
+* a DTensor row-sharded on dim 0 over a 1-D mesh -> :class:`ShardedDTensor` (CM groups with any
+  DTensor take it too: per pair between head-local, sharded-with-reductions and
+  :class:`GatherFallback`, on the placements' layout);
+* any other DTensor (replicated) -> :class:`GatherFallback`;
 * a plain tensor with ``torch.distributed`` initialized (world > 1) and ``distributed`` not
   False -> :class:`ReplicatedWorkSharing` (DDP); CM's ``transform="normuon"`` stays single-process;
 * otherwise :class:`SingleProcess`.
@@ -25,6 +30,7 @@ import torch.distributed as dist
 from ..plan import PairBatch
 from .comm import all_reduce
 from .layout import dtensor_groups, is_dtensor, row_sharding
+from .mesh_strategies import MESH_STRATEGIES
 from .sharded import GatherFallback, ShardedDTensor
 from .strategy import CMGroupStep, MatrixFn, ReplicatedWorkSharing, SingleProcess, Strategy
 from .work import common_dtype
@@ -85,6 +91,9 @@ class Parallel:
             if cls.claims(t, self):
                 return cls()
         if is_dtensor(t):
+            for mesh_cls in MESH_STRATEGIES:
+                if mesh_cls.claims(t, self):
+                    return mesh_cls()
             rows = row_sharding(t)
             return ShardedDTensor(rows.group) if rows is not None else GatherFallback()
         pg = self.replicated_group()

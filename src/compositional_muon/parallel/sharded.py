@@ -135,7 +135,9 @@ class ShardedDTensor(Strategy):
             fb = factor_layout(pb, pair.b.slot, pair.num_kv_heads, pair.head_dim)
             D = pa.shape[1 - pair.a.axis]
             path, reason = pair_path(fa, fb, pair, D, step.cfg.for_kind(pair.kind), step.group["momentum_reproject"])
-            pg = pg or next((f.rows.group for f in (fa, fb) if f.rows is not None), None)
+            for f in (fa, fb):  # agree over every rank holding a part (the widest group seen)
+                if f.rows is not None and (pg is None or f.whole is not None):
+                    pg = f.all_group
             if path == "gather":
                 step.warn(
                     pair.name,
@@ -190,14 +192,20 @@ def pair_path(fa: Factor, fb: Factor, pair: PairLayout, D: int, cfg: CMConfig, r
     """``("local" | "sharded" | "gather", reason)`` for one CM pair (today's selection rules)."""
     modes, G, d = (fa.mode, fb.mode), pair.group_size, pair.head_dim
     if "other" in modes:
-        return "gather", "its weights are not sharded on dim 0 over a 1-D mesh"
+        return "gather", "a weight is split along both dims with heads that are not whole or not packed"
     if "split" in modes:
         return "gather", "a head straddles a shard boundary (shards do not align with heads)"
     if "full" in modes:
         if modes == ("full", "full"):
             return "local", ""
         return "gather", "one factor is sharded and the other is not"
-    if fa.rows is None or fb.rows is None or fa.rows.group is not fb.rows.group:
+    if fa.rows is None or fb.rows is None:
+        return "gather", "its factors live on different meshes"
+    if fa.whole is not None or fb.whole is not None:
+        why = _two_dims_ok(fa, fb, G)
+        if why:
+            return "gather", why
+    elif fa.rows.group is not fb.rows.group:
         return "gather", "its factors live on different meshes"
     if modes == ("heads", "heads"):
         if any(sa != (sb[0] * G, sb[1] * G) for sa, sb in zip(fa.spans, fb.spans)):
@@ -213,6 +221,25 @@ def pair_path(fa: Factor, fb: Factor, pair: PairLayout, D: int, cfg: CMConfig, r
     if d > D:
         return "gather", f"head_dim {d} exceeds the width {D}"
     return "sharded", ""
+
+
+def _two_dims_ok(fa: Factor, fb: Factor, G: int) -> str:
+    """Why a pair whose ``W_o`` (``fa``) is split along both dims cannot take the sharded path
+    ("" if it can): the partner heads held by this rank's width peers must be exactly the groups
+    of ``fa``'s heads, so one all-reduce over the peers completes both factors' statistics."""
+    if fa.whole is None or fb.whole is not None or fb.mode != "heads" or fa.rows is None or fb.rows is None:
+        return "a weight is split along both dims and its partner is not split by heads"
+    if fa.lo % G or fa.hi % G:
+        return "a group of heads sharing a key/value head straddles a shard boundary"
+    peers = dist.get_process_group_ranks(fa.rows.group)
+    b_ranks = dist.get_process_group_ranks(fb.rows.group)
+    if not set(peers) <= set(b_ranks):
+        return "its factors live on different meshes"
+    held = sorted(s for s in (fb.spans[b_ranks.index(q)] for q in peers) if s[1] > s[0])
+    contiguous = bool(held) and all(a[1] == b[0] for a, b in zip(held, held[1:]))
+    if not contiguous or (held[0][0], held[-1][1]) != (fa.lo // G, fa.hi // G):
+        return "a value head is not on a rank of its output heads' width group"
+    return ""
 
 
 def _agree_finite(plan: list[PairBatch], pg: Any, device: torch.device) -> None:

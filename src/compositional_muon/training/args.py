@@ -128,6 +128,8 @@ def _run_group(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     g.add_argument("--dist", default="none", choices=("none", "ddp", "fsdp2"), help="under torchrun")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per data-parallel group (--dist fsdp2)")
+    g.add_argument("--hsdp", type=int, default=0, help="ranks per FSDP shard group, replicated across groups (fsdp2)")
     g.add_argument("--no-plot", action="store_true")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
     run_logs.add_arguments(g)

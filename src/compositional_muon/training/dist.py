@@ -21,6 +21,8 @@ __all__ = [
     "setup_distributed",
     "cleanup_distributed",
     "wrap_model",
+    "MeshSpec",
+    "tp_plan",
     "unwrap_model",
     "save_checkpoint",
     "load_checkpoint",
@@ -95,7 +97,59 @@ def _blocks(model: torch.nn.Module) -> list:
     return out
 
 
-def wrap_model(model: torch.nn.Module, mode: str, *, device=None, blocks=None, **kwargs) -> torch.nn.Module:
+# Linear layers tensor parallelism splits, by the last part of their name: column-parallel
+# (output rows: q/k/v heads, MLP-up) and row-parallel (input columns: o heads, MLP-down).
+COLWISE = ("q_proj", "k_proj", "v_proj", "up_proj", "gate_proj", "fc", "c_fc", "w1", "w3", "wq", "wk", "wv")
+ROWWISE = ("o_proj", "down_proj", "c_proj", "down", "w2", "wo")
+
+
+@dataclass(frozen=True)
+class MeshSpec:
+    """The device mesh of a wrapped model: ``tp`` tensor-parallel ranks inside each data-parallel
+    group, ``hsdp`` ranks per FSDP shard group (replicated across ``world / hsdp`` groups; 0: off).
+    ``dp_rank``/``dp_world``: which slice of a global batch this rank reads, of how many."""
+
+    world: int
+    tp: int = 1
+    hsdp: int = 0
+
+    @property
+    def dp_world(self) -> int:
+        return self.world // self.tp
+
+    def dp_rank(self, rank: int) -> int:
+        return rank // self.tp  # init_device_mesh is row-major: rank = dp * tp + tp_rank
+
+    def check(self) -> None:
+        if self.tp < 1 or self.world % self.tp:
+            raise ValueError(f"--tp {self.tp} must be >= 1 and divide the number of processes {self.world}")
+        if self.hsdp and (self.hsdp < 1 or self.world % self.hsdp or self.hsdp == self.world):
+            raise ValueError(
+                f"--hsdp {self.hsdp} (ranks per shard group) must divide the number of processes {self.world} "
+                "and be smaller than it (it equals plain FSDP otherwise)"
+            )
+        if self.hsdp and self.tp > 1:
+            raise ValueError("--hsdp with --tp (a 3-D replicate x shard x tp mesh) is not supported; use one of them")
+
+
+def tp_plan(block: torch.nn.Module) -> dict:
+    """``parallelize_module`` plan for one block: ColwiseParallel for the ``nn.Linear``s named in
+    :data:`COLWISE`, RowwiseParallel for those in :data:`ROWWISE` (matched on the last name part)."""
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan: dict = {}
+    for name, m in block.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(m, torch.nn.Linear) and leaf in COLWISE:
+            plan[name] = ColwiseParallel()
+        elif isinstance(m, torch.nn.Linear) and leaf in ROWWISE:
+            plan[name] = RowwiseParallel()
+    return plan
+
+
+def wrap_model(
+    model: torch.nn.Module, mode: str, *, device=None, blocks=None, tp: int = 1, hsdp: int = 0, **kwargs
+) -> torch.nn.Module:
     """Wrap ``model`` for data parallelism; build the optimizer on the returned model *afterwards*.
 
     ``mode``: ``"none"`` (returned as is), ``"ddp"`` (``DistributedDataParallel``; ``kwargs`` go to
@@ -104,12 +158,22 @@ def wrap_model(model: torch.nn.Module, mode: str, *, device=None, blocks=None, *
     mesh of all ranks; ``kwargs`` go to ``fully_shard``, e.g. ``mp_policy``). FSDP2 shards
     ``q_proj``/``k_proj``/``v_proj`` rows in ``ceil(rows / world)`` chunks: CM's QK update is free
     of communication when those chunks hold whole heads (``H`` and ``Hkv`` divisible by the world
-    size, see ``docs/distributed.md``)."""
+    size, see ``docs/distributed.md``).
+
+    ``tp > 1`` (``"fsdp2"`` only): a ``(world / tp) x tp`` mesh ``("dp", "tp")``; every block is
+    first split by :func:`tp_plan` over ``"tp"`` (heads across the TP ranks), then ``fully_shard``
+    over ``"dp"`` (skipped when ``tp`` is the world: pure TP). ``hsdp = n > 0`` (``"fsdp2"``
+    only): ``fully_shard`` over a ``(world / n) x n`` replicate x shard mesh. The data-parallel
+    slice each rank reads: :class:`MeshSpec`."""
     if mode in (None, "none", "single"):
         return model
     if not dist.is_initialized():
         raise RuntimeError(f"wrap_model(mode={mode!r}) needs torch.distributed initialized (setup_distributed())")
+    spec = MeshSpec(dist.get_world_size(), tp, hsdp)
+    spec.check()
     if mode == "ddp":
+        if tp > 1 or hsdp:
+            raise ValueError("--tp and --hsdp need --dist fsdp2")
         from torch.nn.parallel import DistributedDataParallel
 
         dev = device if device is not None else next(model.parameters()).device
@@ -118,12 +182,27 @@ def wrap_model(model: torch.nn.Module, mode: str, *, device=None, blocks=None, *
     if mode == "fsdp2":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import parallelize_module
 
-        dev = device if device is not None else next(model.parameters()).device
-        mesh = init_device_mesh(torch.device(dev).type, (dist.get_world_size(),))
-        for b in _blocks(model) if blocks is None else blocks:
-            fully_shard(b, mesh=mesh, **kwargs)
-        fully_shard(model, mesh=mesh, **kwargs)
+        kind = torch.device(device if device is not None else next(model.parameters()).device).type
+        todo = _blocks(model) if blocks is None else blocks
+        if tp > 1:
+            mesh = init_device_mesh(kind, (spec.dp_world, tp), mesh_dim_names=("dp", "tp"))
+            for b in todo:
+                plan = tp_plan(b)
+                if not plan:
+                    raise ValueError(f"--tp {tp}: block {type(b).__name__} has no nn.Linear named in COLWISE/ROWWISE")
+                parallelize_module(b, mesh["tp"], plan)
+            if spec.dp_world == 1:
+                return model
+            fsdp_mesh = mesh["dp"]
+        elif hsdp:
+            fsdp_mesh = init_device_mesh(kind, (spec.world // hsdp, hsdp), mesh_dim_names=("replicate", "shard"))
+        else:
+            fsdp_mesh = init_device_mesh(kind, (spec.world,))
+        for b in todo:
+            fully_shard(b, mesh=fsdp_mesh, **kwargs)
+        fully_shard(model, mesh=fsdp_mesh, **kwargs)
         return model
     raise ValueError(f"unknown distributed mode {mode!r}; expected 'none', 'ddp' or 'fsdp2'")
 

@@ -1,5 +1,6 @@
-"""The training CLI's process layout: one process, or DDP / FSDP2 under torchrun (see
-docs/distributed.md). Everything rank-dependent in the CLI goes through :class:`Runner`."""
+"""The training CLI's process layout: one process, or DDP / FSDP2 (optionally with tensor
+parallelism, ``--tp``, or HSDP, ``--hsdp``) under torchrun (see docs/distributed.md). Everything
+rank-dependent in the CLI goes through :class:`Runner`."""
 
 from __future__ import annotations
 
@@ -11,12 +12,18 @@ __all__ = ["Runner"]
 
 
 class Runner:
-    """Single process (``mode="none"``), or DDP / FSDP2 with one process per rank."""
+    """Single process (``mode="none"``), or DDP / FSDP2 with one process per rank; ``tp`` ranks
+    of a tensor-parallel group read the same rows of a batch (``hsdp``: ranks per shard group)."""
 
-    def __init__(self, mode: str, device: torch.device, batch_size: int):
+    def __init__(self, mode: str, device: torch.device, batch_size: int, tp: int = 1, hsdp: int = 0):
         self.mode, self.rank, self.world, self.device = mode, 0, 1, device
+        self.tp, self.hsdp = tp, hsdp
         if mode == "none":
+            if tp != 1 or hsdp:
+                raise UsageError("--tp and --hsdp need --dist fsdp2 under torchrun")
             return
+        if mode != "fsdp2" and (tp != 1 or hsdp):
+            raise UsageError("--tp and --hsdp need --dist fsdp2")
         from . import dist as D
 
         self.D = D
@@ -28,9 +35,17 @@ class Runner:
                 f"--dist {mode} needs at least 2 processes (torchrun --nproc_per_node=N, N >= 2); "
                 "for a single process leave out --dist"
             )
-        if batch_size % self.world:
+        self.spec = D.MeshSpec(self.world, tp, hsdp)
+        try:
+            self.spec.check()
+        except ValueError as e:
             self.cleanup()
-            raise UsageError(f"--batch-size {batch_size} (global) is not divisible by the world size {self.world}")
+            raise UsageError(str(e)) from None
+        if batch_size % self.spec.dp_world:
+            self.cleanup()
+            raise UsageError(
+                f"--batch-size {batch_size} (global) is not divisible by the data-parallel size {self.spec.dp_world}"
+            )
 
     @property
     def main(self) -> bool:
@@ -42,17 +57,17 @@ class Runner:
         return "last.pt" if self.mode == "none" else "last_dcp"
 
     def wrap(self, model):
-        return model if self.mode == "none" else self.D.wrap_model(model, self.mode)
+        return model if self.mode == "none" else self.D.wrap_model(model, self.mode, tp=self.tp, hsdp=self.hsdp)
 
     def core(self, model):
         return model if self.mode == "none" else self.D.unwrap_model(model)
 
     def shard(self, x):
-        """This rank's rows of a global batch."""
+        """This rank's rows of a global batch (the ranks of a tensor-parallel group read the same rows)."""
         if self.world == 1:
             return x
-        b = x.size(0) // self.world
-        return x[self.rank * b : (self.rank + 1) * b]
+        b, r = x.size(0) // self.spec.dp_world, self.spec.dp_rank(self.rank)
+        return x[r * b : (r + 1) * b]
 
     def mean(self, v: float) -> float:
         return v if self.mode == "none" else float(self.D.all_reduce_mean(v))

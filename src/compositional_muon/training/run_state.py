@@ -120,7 +120,8 @@ class RunState:
         D.barrier()
         D.save_checkpoint(tmp, self.model, self.opt, extra=dict(step=step))  # every rank
         if self.runner.main:  # ranks share these (same seeds): rank 0 writes them
-            state["layout"] = dict(mode=self.runner.mode, world_size=self.runner.world)
+            r = self.runner
+            state["layout"] = dict(mode=r.mode, world_size=r.world, tp=r.tp, hsdp=r.hsdp)
             save_atomic(state, os.path.join(tmp, "train_state.pt"))
             if os.path.exists(self.path):
                 os.replace(self.path, old)
@@ -161,13 +162,11 @@ class RunState:
         if not os.path.isfile(ts_path):
             raise CheckpointError(f"{resume!r} is not a distributed training checkpoint (no train_state.pt)")
         ck = torch.load(ts_path, map_location="cpu", weights_only=False)
-        layout = dict(mode=self.runner.mode, world_size=self.runner.world)
-        saved = ck.get("layout", layout)
-        if saved != layout:
+        saved = ck.get("layout", dict(mode=self.runner.mode))
+        if saved["mode"] != self.runner.mode:  # DCP reshards across world sizes and meshes, not DDP <-> FSDP2
             raise CheckpointError(
-                f"{resume!r} was written by --dist {saved['mode']} with {saved['world_size']} processes; this run "
-                f"is --dist {layout['mode']} with {layout['world_size']}: resume with the same --dist and "
-                "--nproc_per_node"
+                f"{resume!r} was written by --dist {saved['mode']}; this run is --dist {self.runner.mode}: resume "
+                f"with --dist {saved['mode']} (any number of processes, --tp, --hsdp)"
             )
         return ck
 

@@ -55,7 +55,7 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     with StopRequest() as stop:  # from here on a signal only requests a stop
-        runner = Runner(args.dist, device, args.batch_size)
+        runner = Runner(args.dist, device, args.batch_size, tp=args.tp, hsdp=args.hsdp)
         try:
             return _run(args, runner, stop, mcfg, ocfg)
         finally:

@@ -115,6 +115,13 @@ class NewtonMuonHooks:
         self.remove()
 
 
+def _tp_error(name: str) -> Exception:
+    return _par.UnsupportedLayout(
+        f"NewtonMuon: {name} is tensor parallel (its input is sharded or a DTensor), so its input Gram "
+        "is not this rank's to capture; NewtonMuon supports DDP, FSDP2 and HSDP only (use Muon under TP)"
+    )
+
+
 def _make_hook(opt: NewtonMuon, weight):
     ref = weakref.ref(opt)  # the module must not keep the optimizer alive
 
@@ -123,6 +130,8 @@ def _make_hook(opt: NewtonMuon, weight):
         if o is not None and module.training and torch.is_grad_enabled() and args:
             # the weight registered with the optimizer: under FSDP2 `module.weight` is the
             # unsharded tensor during forward, not the sharded parameter the optimizer holds
+            if _par.is_dtensor(args[0]):
+                raise _tp_error(type(module).__name__)
             o._capture(weight, args[0])
 
     return hook
@@ -255,6 +264,8 @@ class NewtonMuon(MsignOptimizer):
             if nb < 1 or mod.in_features % nb:
                 raise ValueError(f"blocks[{name!r}] = {nb} must be >= 1 and divide in_features = {mod.in_features}")
             w = mod.weight
+            if _par.is_dtensor(w) and 1 in _par.shard_layout(w, name).sharded_dims:
+                raise _tp_error(name)
             if planned.get(w, nb) != nb:
                 raise ValueError(
                     f"{name}: its weight is shared with a module registered with {planned[w]} block(s), not {nb}"
