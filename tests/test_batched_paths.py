@@ -110,8 +110,6 @@ def kernel_inputs(L, H, hkv, d=4, D=12, seed=0):
 @pytest.mark.parametrize("kw", VARIANTS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "default")
 @pytest.mark.parametrize("H,hkv", [(4, 4), (4, 2)])
 def test_layer_stacked_kernel_equals_per_layer(kw, H, hkv):
-    if kw.get("method") == "joint" and kw.get("hybrid") and H != hkv:
-        pytest.skip("joint + hybrid needs H == Hkv")
     # hybrid=False unless the variant says so (CMConfig's default is the reference's hybrid=True)
     cfg = CMConfig(msign_backend="polar_express", msign_dtype=F64, msign_steps=12, **{"hybrid": False, **kw})
     A, B, Ua, Ub = kernel_inputs(3, H, hkv)

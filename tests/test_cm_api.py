@@ -322,10 +322,9 @@ def test_ov_bad_input(over, exc, match):
         _ov(**over)
 
 
-def test_joint_hybrid_gqa_refused():
-    with pytest.raises(ValueError, match="hybrid=False for GQA"):
-        _ov(wv=torch.randn(8, 32), gv=torch.randn(8, 32), mv=torch.zeros(8, 32), method="joint")
-    # per head it is defined
+def test_joint_hybrid_works_with_gqa():
+    # the head-axis stacking ((H + Hkv) d x D) needs no H == Hkv (it was refused with column stacking)
+    assert _ov(wv=torch.randn(8, 32), gv=torch.randn(8, 32), mv=torch.zeros(8, 32), method="joint")
     assert _ov(wv=torch.randn(8, 32), gv=torch.randn(8, 32), mv=torch.zeros(8, 32), method="joint", hybrid=False)
 
 

@@ -211,14 +211,16 @@ def _apply_rows(w, mats, d):
     return torch.cat([m @ b for m, b in zip(mats, heads_rows(w, d))])
 
 
-@pytest.mark.parametrize("connection", CONNECTIONS)
-def test_qk_gauge_invariance(connection):
+@pytest.mark.parametrize(
+    "connection,method", [(c, "half_split") for c in CONNECTIONS] + [("none", "joint"), ("frobenius", "joint")]
+)
+def test_qk_gauge_invariance(connection, method):
     d, D, H = 4, 12, 3
     wq, wk = rnd(H * d, D, seed=1), rnd(H * d, D, seed=2)
     target = rnd(H, D, D, seed=3)
     A, AinvT = _gauge(d, H, 50)
     wq2, wk2 = _apply_rows(wq, A, d), _apply_rows(wk, AinvT, d)
-    kw = dict(connection=connection)
+    kw = dict(connection=connection, method=method)
     dq, dk = run_qk(wq, wk, *_qk_loss_grads(wq, wk, d, target), d, **kw)
     dq2, dk2 = run_qk(wq2, wk2, *_qk_loss_grads(wq2, wk2, d, target), d, **kw)
     for m1, m2 in zip(_composed_qk(wq, wk, dq, dk, d), _composed_qk(wq2, wk2, dq2, dk2, d)):
@@ -246,8 +248,9 @@ def test_plain_muon_is_not_gauge_invariant():
     assert max((a - b).norm() / a.norm() for a, b in zip(m1, m2)) > 0.1
 
 
+@pytest.mark.parametrize("method", ["half_split", "joint"])
 @pytest.mark.parametrize("hybrid", [False, True])
-def test_ov_gauge_invariance(hybrid):
+def test_ov_gauge_invariance(hybrid, method):
     # Wo_h -> Wo_h A_h, Wv_h -> A_h^-1 Wv_h leaves Wo_h Wv_h unchanged. Hybrid O is invariant too:
     # each whitened block Go_h C_V^-1 is multiplied on the right by an orthogonal R_h, and
     # msign(X diag(R_1..R_H)) = msign(X) diag(R_1..R_H).
@@ -273,9 +276,37 @@ def test_ov_gauge_invariance(hybrid):
     A = [rnd(d, d, seed=60 + h) + 2 * torch.eye(d, dtype=F64) for h in range(H)]
     wv2 = torch.cat([torch.linalg.inv(a) @ v for a, v in zip(A, heads_rows(wv, d))])
     wo2 = torch.cat([o @ a for a, o in zip(A, heads_cols(wo, d))], dim=1)
-    dv, do = run_ov(wv, wo, *grads(wv, wo), d, hybrid=hybrid)
-    dv2, do2 = run_ov(wv2, wo2, *grads(wv2, wo2), d, hybrid=hybrid)
+    dv, do = run_ov(wv, wo, *grads(wv, wo), d, hybrid=hybrid, method=method)
+    dv2, do2 = run_ov(wv2, wo2, *grads(wv2, wo2), d, hybrid=hybrid, method=method)
     for m1, m2 in zip(composed(wv, wo, dv, do), composed(wv2, wo2, dv2, do2)):
+        torch.testing.assert_close(m1, m2, rtol=0, atol=1e-10)
+
+
+def test_joint_gqa_gauge_invariance_per_key_value_group():
+    # GQA: one gauge S_g per key head acts on all G query heads of its group (Wq_h -> S_g Wq_h,
+    # Wk_g -> S_g^-T Wk_g). Stacking [X_q1; ...; X_qG; X_k] rows multiplies the stack on the left by
+    # blockdiag(Q_a, ..., Q_a, Q_b) with orthogonal Q's, which msign commutes with.
+    d, D, H, Hkv = 4, 16, 4, 2
+    G = H // Hkv
+    wq, wk = rnd(H * d, D, seed=11), rnd(Hkv * d, D, seed=12)
+    target = rnd(H, D, D, seed=13)
+
+    def grads(wq, wk):
+        wq, wk = wq.clone().requires_grad_(True), wk.clone().requires_grad_(True)
+        Q, K = heads_rows(wq, d), heads_rows(wk, d)
+        loss = sum(torch.tanh((Q[h].T @ K[h // G]) * target[h]).sum() for h in range(H))
+        return torch.autograd.grad(loss, (wq, wk))
+
+    def composed(wq, wk, dq, dk):
+        Q, K, dQ, dK = (heads_rows(t, d) for t in (wq, wk, dq, dk))
+        return [dQ[h].T @ K[h // G] + Q[h].T @ dK[h // G] for h in range(H)]
+
+    S, SinvT = _gauge(d, Hkv, 70)
+    wq2 = _apply_rows(wq, [S[h // G] for h in range(H)], d)
+    wk2 = _apply_rows(wk, SinvT, d)
+    dq, dk = run_qk(wq, wk, *grads(wq, wk), d, method="joint")
+    dq2, dk2 = run_qk(wq2, wk2, *grads(wq2, wk2), d, method="joint")
+    for m1, m2 in zip(composed(wq, wk, dq, dk), composed(wq2, wk2, dq2, dk2)):
         torch.testing.assert_close(m1, m2, rtol=0, atol=1e-10)
 
 
@@ -427,43 +458,50 @@ def test_vertical_update_projects_to_zero():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_joint_is_steepest_descent_for_the_stacked_norm():
+def test_joint_is_steepest_descent_for_the_head_stacked_norm():
+    # joint stacks the whitened factors along the head axis, S = [C_K^-1 Gq_h; C_Q^-1 Gk_h] (2d x D),
+    # Z = msign(S), and steps eta/2 on each factor (mutation: column stacking [.|.] or step eta fail)
     d, eta = 8, 0.1
     wq, wk, gq, gk = qk_problem()
     dq, dk = run_qk(wq, wk, gq, gk, d, eta, method="joint")
     Q, K = heads_rows(wq, d), heads_rows(wk, d)
     for h in range(4):
         Ck, Cq = inv_root(K[h] @ K[h].T, 0.0), inv_root(Q[h] @ Q[h].T, 0.0)
-        S = torch.cat([Ck @ heads_rows(gq, d)[h], Cq @ heads_rows(gk, d)[h]], dim=1)  # d x 2D
+        S = torch.cat([Ck @ heads_rows(gq, d)[h], Cq @ heads_rows(gk, d)[h]], dim=0)  # 2d x D
         Z = polar(S)
-        torch.testing.assert_close(heads_rows(dq, d)[h], -eta * Ck @ Z[:, :32], rtol=0, atol=1e-12)
-        torch.testing.assert_close(heads_rows(dk, d)[h], -eta * Cq @ Z[:, 32:], rtol=0, atol=1e-12)
-        # the two whitened blocks share one budget: Za Za^T + Zb Zb^T = I
-        Za, Zb = Z[:, :32], Z[:, 32:]
-        torch.testing.assert_close(Za @ Za.T + Zb @ Zb.T, torch.eye(d, dtype=F64), rtol=0, atol=1e-12)
+        Za, Zb = Z[:d], Z[d:]
+        torch.testing.assert_close(heads_rows(dq, d)[h], -eta / 2 * Ck @ Za, rtol=0, atol=1e-12)
+        torch.testing.assert_close(heads_rows(dk, d)[h], -eta / 2 * Cq @ Zb, rtol=0, atol=1e-12)
+        # one budget: Z Z^T = I_2d, so each block is a partial isometry and their row spaces are orthogonal
+        torch.testing.assert_close(Z @ Z.T, torch.eye(2 * d, dtype=F64), rtol=0, atol=1e-12)
         dM = heads_rows(dq, d)[h].T @ K[h] + Q[h].T @ heads_rows(dk, d)[h]
-        assert opnorm(dM) <= eta * (opnorm(Za) + opnorm(Zb)) + 1e-12 <= 2 * eta + 1e-12
+        assert opnorm(dM) <= eta / 2 * (opnorm(Za) + opnorm(Zb)) + 1e-12 <= eta * (1 + 1e-10)
         inner = (heads_rows(gq, d)[h] * heads_rows(dq, d)[h]).sum() + (
             heads_rows(gk, d)[h] * heads_rows(dk, d)[h]
         ).sum()
-        torch.testing.assert_close(inner, -eta * torch.linalg.matrix_norm(S, "nuc"))
+        torch.testing.assert_close(inner, -eta / 2 * torch.linalg.matrix_norm(S, "nuc"))
 
 
-def test_joint_ov_hybrid_is_one_msign_over_whole_matrices():
-    d, eta = 8, 0.1
-    wv, wo, gv, go = ov_problem()
+@pytest.mark.parametrize("Hkv", [4, 2])
+def test_joint_ov_hybrid_is_one_msign_over_whole_matrices(Hkv):
+    # ((H + Hkv) d x D): the whole whitened W_o^T over the whole whitened W_v; GQA works too
+    d, eta, H = 8, 0.1, 4
+    G = H // Hkv
+    wv, wo, gv, go = ov_problem(H, Hkv)
     dv, do = run_ov(wv, wo, gv, go, d, eta, method="joint", hybrid=True)
     V, O = heads_rows(wv, d), heads_cols(wo, d)
-    Cv = [inv_root(v @ v.T, 0.0) for v in V]
-    Co = [inv_root(o.T @ o, 0.0) for o in O]
-    left = torch.cat([c @ g for c, g in zip(Co, heads_rows(gv, d))])  # whitened V grads (H d x D)
+    Cv = [inv_root(V[h // G] @ V[h // G].T, 0.0) for h in range(H)]
+    Co = [inv_root(sum(O[h].T @ O[h] for h in range(g * G, (g + 1) * G)), 0.0) for g in range(Hkv)]
+    left = torch.cat([c @ g for c, g in zip(Co, heads_rows(gv, d))])  # whitened V grads (Hkv d x D)
     right = torch.cat([(g @ c).T for c, g in zip(Cv, heads_cols(go, d))])  # whitened O^T grads (H d x D)
-    Z = polar(torch.cat([right, left], dim=1))
-    for h in range(4):
-        torch.testing.assert_close(heads_rows(dv, d)[h], -eta * Co[h] @ Z[h * d : (h + 1) * d, 32:], rtol=0, atol=1e-12)
+    Z = polar(torch.cat([right, left], dim=0))
+    for h in range(H):
         torch.testing.assert_close(
-            heads_cols(do, d)[h], -eta * (Cv[h] @ Z[h * d : (h + 1) * d, :32]).T, rtol=0, atol=1e-12
+            heads_cols(do, d)[h], -eta / 2 * (Cv[h] @ Z[h * d : (h + 1) * d]).T, rtol=0, atol=1e-12
         )
+    for g in range(Hkv):
+        rows = slice(H * d + g * d, H * d + (g + 1) * d)
+        torch.testing.assert_close(heads_rows(dv, d)[g], -eta / 2 * Co[g] @ Z[rows], rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("whitening", ["pre", "post", "none"])

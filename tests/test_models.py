@@ -21,9 +21,14 @@ from compositional_muon.training.models import (
 )
 from compositional_muon.training.models.layers import apply_rope
 
-NAMES = ["gpt", "loopformer", "mor"]
+NAMES = ["gpt", "loopformer", "mor", "moe-gpt"]
 TINY = dict(n_embd=32, n_head=4, n_layer=2, block_size=32)
-EXTRA = {"gpt": {}, "loopformer": dict(n_layer=1, n_loops=4), "mor": dict(n_layer=1, n_recursions=3)}
+EXTRA = {
+    "gpt": {},
+    "loopformer": dict(n_layer=1, n_loops=4),
+    "mor": dict(n_layer=1, n_recursions=3),
+    "moe-gpt": dict(n_experts=3, top_k=2),
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -240,7 +245,7 @@ def test_generate(name):
 
 
 def test_build_model_errors_and_defaults():
-    with pytest.raises(ValueError, match="gpt, loopformer, mor"):
+    with pytest.raises(ValueError, match="gpt, loopformer, moe-gpt, mor"):
         build_model("llama")
     with pytest.raises(ValueError, match="n_layers"):
         build_model("gpt", n_layers=2)

@@ -3,7 +3,7 @@
 Functional core: :func:`cm_qk`, :func:`cm_ov` (Compositional Muon on an attention layer's QK and
 OV pairs, caller-managed momentum), :func:`msign`, :func:`inverse_sqrt`.
 Optimizers: :class:`CompositionalMuon` (CM + Muon + AdamW for a whole model), :class:`Muon`,
-:class:`MuonWithAuxAdam`, and the variants :class:`NorMuon`, :class:`AdaMuon`, :class:`Mano`,
+:class:`MuonWithAuxAdam`, :class:`PerHeadMuon`, and the variants :class:`NorMuon`, :class:`AdaMuon`, :class:`Mano`,
 :class:`NewtonMuon`.
 """
 
@@ -11,8 +11,11 @@ from .attention import AttentionSpec, HeadSlice, find_attention
 from .cm import CMConfig, NonFiniteError, cm_ov, cm_qk
 from .compositional import CompositionalMuon
 from .inverse_root import inverse_sqrt, partner_gram
+from .layouts import mark_layouts
 from .msign import msign
 from .muon import Muon, MuonWithAuxAdam
+from .per_head import PerHeadMuon
+from .qk_clip import QKClip
 from .variants import AdaMuon, Mano, NewtonMuon, NorMuon
 
 __version__ = "0.1.0"
@@ -31,6 +34,9 @@ __all__ = [
     "find_attention",
     "Muon",
     "MuonWithAuxAdam",
+    "PerHeadMuon",
+    "QKClip",
+    "mark_layouts",
     "NorMuon",
     "AdaMuon",
     "Mano",

@@ -33,6 +33,7 @@ class CircuitMuon(Muon):
 
     checked_attributes = ("lam",)  # validated with the param groups at every step (validation.py)
     bucketed = False  # the V/O circuit correction couples the matrices of a pair
+    supports_experts = False  # expert stacks (3-D) are refused: no per-expert rule here
 
     def __init__(self, param_groups, ov_pairs=(), *, lam: float = 1e-3, nonfinite: str = "raise"):
         validation.check_value("lam", lam, "CircuitMuon: ")

@@ -25,9 +25,11 @@ from .cm import CMConfig, apply_update, normalize_head_rows
 from .cm.kernel import ZTransform
 from .diagnostics import pair_stats
 from .finite import NonFiniteError, all_finite
+from .layouts import mark_layouts
 from .muon import Muon
 from .parallel import CMGroupStep, is_dtensor
 from .plan import HeadRef, PairBatch, PairEntry, PairLayout, check_checkpoint_layout
+from .rms_match import CM_ADJUST_LR_FNS, match_plan_rms
 
 __all__ = ["CompositionalMuon"]
 
@@ -44,6 +46,7 @@ CM_DEFAULTS: dict[str, Any] = dict(
     transform="none",
     transform_beta2=0.95,
     transform_eps=1e-8,
+    adjust_lr_fn="original",
 )
 TRANSFORMS = ("none", "normuon")
 _NEWTON_REFUSAL = (
@@ -74,7 +77,10 @@ class CompositionalMuon(Muon):
     CM group options (reference names): ``lr`` (the composed step ``eta``), ``momentum`` (beta,
     momentum ``m <- beta m + g``), ``nesterov``, ``weight_decay``, ``lam``, ``method``,
     ``isotropic``, ``hybrid`` (OV), ``whitening``, ``connection``, ``momentum_reproject``,
-    ``per_mat_renorm``, ``msign_backend``, ``msign_steps``, ``msign_dtype``, ``root_method``;
+    ``per_mat_renorm``, ``msign_backend``, ``msign_steps``, ``msign_dtype``, ``root_method``,
+    ``adjust_lr_fn`` ("original": CM's own step; "match_rms_adamw": each factor's update per layer
+    rescaled to element RMS ``0.2 lr`` so AdamW learning rates carry over, see :mod:`.rms_match`;
+    :meth:`from_model` also gives it to the Muon group);
     and ``transform`` ("none" or "normuon": NorMuon's row normalization of the msign output in the
     whitened head space, with ``transform_beta2`` (0.95) and ``transform_eps`` (1e-8), see
     :func:`~compositional_muon.cm.normalize_head_rows` and ``docs/variants.md``; "newton" is refused).
@@ -157,6 +163,7 @@ class CompositionalMuon(Muon):
                 "no attention layer found in the model; pass attention=[AttentionSpec(...)] "
                 "or head counts, or use Muon/MuonWithAuxAdam for a model without attention"
             )
+        mark_layouts(model)  # expert stacks in the Muon group are orthogonalized per expert
         cm, muon, adamw = route_parameters(model, specs, adamw_patterns, muon_patterns)
         groups = [dict(kind="cm", attention=specs, lr=lr, weight_decay=weight_decay, **cm_options)]
         if muon:
@@ -168,6 +175,7 @@ class CompositionalMuon(Muon):
                     momentum=muon_momentum,
                     weight_decay=weight_decay if muon_weight_decay is None else muon_weight_decay,
                     msign_dtype=cm_options.get("msign_dtype"),
+                    adjust_lr_fn=cm_options.get("adjust_lr_fn", "original"),
                 )
             )
         if adamw:
@@ -235,14 +243,18 @@ class CompositionalMuon(Muon):
         if group["transform"] == "normuon":
             if group["method"] != "half_split":
                 raise ValueError(
-                    "transform='normuon' needs method='half_split': the joint rule's msign rows span "
-                    "all G+1 factors of a group, so a row is not one weight's channel"
+                    "transform='normuon' needs method='half_split': the joint rule's msign units span "
+                    "all G+1 factors of a group, so the per-unit norm restore is not per weight"
                 )
             if not 0 <= group["transform_beta2"] < 1 or not group["transform_eps"] >= 0:
                 raise ValueError(
                     f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
                     f"{group['transform_beta2']!r}, {group['transform_eps']!r}"
                 )
+        if group["adjust_lr_fn"] not in CM_ADJUST_LR_FNS:
+            raise ValueError(f"unknown adjust_lr_fn {group['adjust_lr_fn']!r}; expected one of {CM_ADJUST_LR_FNS}")
+        if group["adjust_lr_fn"] != "original" and any(is_dtensor(p) for p in group["params"]):
+            raise ValueError("adjust_lr_fn='match_rms_adamw' is not supported for DTensor (FSDP2) CM parameters")
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
         self._validate_base(group)
@@ -294,6 +306,9 @@ class CompositionalMuon(Muon):
         # CM updates are computed for every group before anything is written, so a failure
         # (a singular partner with lam=0) leaves parameters and state untouched.
         plans = [(g, self._cm_plan(g)) for g in self.param_groups if g["kind"] == "cm"]
+        for g, plan in plans:
+            if g.get("adjust_lr_fn", "original") == "match_rms_adamw":
+                match_plan_rms(plan, float(g["lr"]))
         for g, plan in plans:
             for batch in plan:
                 # `finite` is set (agreed across ranks) by the sharded strategies

@@ -1,6 +1,7 @@
 """Muon: momentum, then the polar factor of the momentum, per weight matrix.
 
-For a weight ``W`` (out x in; conv weights are flattened to ``out x (in*kh*kw)``)::
+For a weight ``W`` (out x in; conv weights are flattened to ``out x (in*kh*kw)``; a stack of
+expert matrices ``(E, out, in)`` is orthogonalized per expert, see :mod:`.layouts`)::
 
     B <- beta B + (1 - beta) G                       (momentum buffer)
     U  = (1 - beta) G + beta B   if nesterov else B
@@ -9,7 +10,7 @@ For a weight ``W`` (out x in; conv weights are flattened to ``out x (in*kh*kw)``
 with the shape factor ``s`` chosen by ``adjust_lr_fn``: ``"original"`` (Keller Jordan's,
 ``sqrt(max(1, rows / cols))``) or ``"match_rms_adamw"`` (Moonlight's, ``0.2 * sqrt(max(rows, cols))``,
 which gives the update the RMS of a typical AdamW update so AdamW learning rates carry over).
-Rows/cols are those of the 2-D (flattened) matrix.
+Rows/cols are those of the 2-D (flattened) matrix, or of one expert.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numbers
 import torch
 
 from .buckets import DEFAULT_BUCKET_BYTES
+from .layouts import from_matrices, resolve_layout, to_matrices
 from .msign import BACKENDS, default_msign_dtype, msign
 from .ops import decoupled_add
 from .parallel import is_dtensor
@@ -85,28 +87,31 @@ class MsignOptimizer(RoutedOptimizer):
             raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
 
     def _directions(self, group: dict, params: list) -> list:
-        """Momentum step for each param; returns the 2-D directions to orthogonalize. Directions
-        of same-shape, same-dtype params are written straight into one stacked buffer (returned as
-        its slices), so the batched msign needs no stacking copy."""
+        """Momentum step for each param; returns the directions to orthogonalize (2-D, or
+        ``(E, out, in)`` for an expert stack, see :mod:`.layouts`). Directions of same-shape,
+        same-dtype params are written straight into one stacked buffer (returned as its slices), so
+        the batched msign needs no stacking copy."""
         beta, nesterov = group["momentum"], group["nesterov"]
+        option = group.get("tensor_layout", "auto")
+        kinds = [resolve_layout(p, option) for p in params]
         if any(is_dtensor(p) for p in params):  # sharded (FSDP2): one direction per param
             out = []
-            for p in params:
+            for p, kind in zip(params, kinds):
                 buf = self._state_buffer(p, "momentum_buffer")
-                out.append(as_matrix(muon_momentum(buf, p.grad, beta, nesterov)))
+                out.append(to_matrices(muon_momentum(buf, p.grad, beta, nesterov), kind))
             return out
         classes: dict = {}
         for i, p in enumerate(params):
             buf = self._state_buffer(p, "momentum_buffer")
             buf.lerp_(p.grad.to(buf.dtype), 1 - beta)
-            classes.setdefault((tuple(as_matrix(buf).shape), buf.dtype, buf.device), []).append(i)
+            classes.setdefault((tuple(to_matrices(buf, kinds[i]).shape), buf.dtype, buf.device), []).append(i)
         dirs: list = [None] * len(params)
         for (shape, dtype, device), idx in classes.items():
             stack = torch.empty((len(idx), *shape), dtype=dtype, device=device)
             for j, i in enumerate(idx):
-                buf = as_matrix(self.state[params[i]]["momentum_buffer"])
+                buf = to_matrices(self.state[params[i]]["momentum_buffer"], kinds[i])
                 if nesterov:
-                    torch.lerp(as_matrix(params[i].grad).to(dtype), buf, beta, out=stack[j])
+                    torch.lerp(to_matrices(params[i].grad, kinds[i]).to(dtype), buf, beta, out=stack[j])
                 else:
                     stack[j].copy_(buf)
                 dirs[i] = stack[j]
@@ -146,9 +151,10 @@ class MsignOptimizer(RoutedOptimizer):
         # (exact upcast, same result as casting first)
         work = None if group["backend"] == "svd" else group["msign_dtype"] or default_msign_dtype(params[0].device)
         zs = self._orthogonalize(group, self._directions(group, params), out_dtype=work)
+        option = group.get("tensor_layout", "auto")
         for p, z in zip(params, zs):
-            scale = shape_scale(z.size(0), z.size(1), group["adjust_lr_fn"])
-            decoupled_add(p, z.reshape(p.shape), lr * wd, alpha=-lr * scale)
+            scale = shape_scale(z.size(-2), z.size(-1), group["adjust_lr_fn"])
+            decoupled_add(p, from_matrices(z, p, resolve_layout(p, option)), lr * wd, alpha=-lr * scale)
 
 
 def _stacked(dirs: list, idx: list) -> torch.Tensor:
@@ -175,12 +181,16 @@ class Muon(MsignOptimizer):
     ``ns_steps`` (5), ``adjust_lr_fn`` ("original" or
     "match_rms_adamw"), ``backend`` (msign backend, "newton_schulz" by default),
     ``msign_dtype`` (working precision of the iteration; None: :func:`~compositional_muon.msign.default_msign_dtype`),
+    ``tensor_layout`` ("auto", "conv", "experts", "experts_transposed": how a tensor with more than
+    two dims is read, see :mod:`compositional_muon.layouts`),
     ``nonfinite`` ("raise" or "skip" a step whose gradients hold NaN/inf), ``distributed``
     ("auto": under DDP each rank orthogonalizes a share of the matrices and the results are
     all-gathered; False: every rank does all of them; see ``docs/distributed.md``).
     Same-shape matrices of a group are orthogonalized in one batched call. DTensor (FSDP2)
     parameters are supported: each matrix is gathered to one owner rank for its msign.
     """
+
+    supports_experts = True
 
     matrix_defaults = dict(
         lr=0.02,
@@ -191,6 +201,7 @@ class Muon(MsignOptimizer):
         adjust_lr_fn="original",
         backend="newton_schulz",
         msign_dtype=None,
+        tensor_layout="auto",
     )
 
     def __init__(
@@ -205,6 +216,7 @@ class Muon(MsignOptimizer):
         backend: str = "newton_schulz",
         msign_dtype: torch.dtype | None = None,
         *,
+        tensor_layout: str = "auto",
         nonfinite: str = "raise",
         distributed="auto",
         bucket_bytes: int | None = DEFAULT_BUCKET_BYTES,
@@ -220,6 +232,7 @@ class Muon(MsignOptimizer):
                 adjust_lr_fn=adjust_lr_fn,
                 backend=backend,
                 msign_dtype=msign_dtype,
+                tensor_layout=tensor_layout,
             ),
             nonfinite=nonfinite,
             distributed=distributed,

@@ -18,6 +18,7 @@ from .adamw import ADAMW_DEFAULTS, adamw_step
 from .buckets import DEFAULT_BUCKET_BYTES, check_bucket_bytes
 from .buckets import plan as plan_buckets
 from .finite import NonFiniteError, finite_flags
+from .layouts import check_group as _check_layouts
 from .msign import default_msign_dtype
 from .parallel import Parallel, is_dtensor
 from .parallel.mesh import check_supported
@@ -67,6 +68,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
     default_use_muon: bool = True  # what a group without the flag gets
     require_use_muon: bool = False  # MuonWithAuxAdam insists on the flag
     min_matrix_ndim: int = 2
+    supports_experts: bool = False  # True where the matrix rule orthogonalizes each expert of a stack
 
     # the matrix step treats each matrix on its own, so it may run over byte-capped buckets
     # (see buckets.py); an optimizer whose update couples matrices sets this False
@@ -121,6 +123,7 @@ class RoutedOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} updates matrices; parameter {i} of a use_muon=True group has shape "
                         f"{tuple(p.shape)}. Put 0-D/1-D parameters (gains, biases) in a use_muon=False (AdamW) group"
                     )
+            _check_layouts(group, self.supports_experts, type(self).__name__)
         validation.check_new_group(self, group)  # the ranges table (validation.py)
         if group["use_muon"]:  # a DTensor layout no strategy can update exactly: refuse before any step
             check_supported(group["params"], type(self).__name__)

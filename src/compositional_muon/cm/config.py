@@ -32,8 +32,9 @@ class CMConfig:
 
     ``cm_qk``, ``cm_ov`` and ``CompositionalMuon`` groups all start from these values.
 
-    ``method``: "half_split" (each factor gets ``eta/2``) or "joint" (one msign over both whitened
-    factors of a group stacked side by side along the shared head dimension, step ``eta``).
+    ``method``: "half_split" (each factor gets ``eta/2``) or "joint" (one msign over the whitened
+    factors of a group stacked along the head axis, ``[X_A1; ...; X_AG; X_B]``, ``(G+1) d x D``;
+    step ``eta/2`` per factor; gauge invariant, see ``docs/math.md``).
     ``isotropic``: replace each partner root by the scalar ``sqrt(||W_partner||_F^2 / d + lam)``.
     ``hybrid``: msign the ``A`` factor of an OV pair (``W_o``) as one whole matrix instead of per
     head (QK pairs are always per head: the kernel's caller passes ``for_kind("qk")``).

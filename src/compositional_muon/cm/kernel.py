@@ -171,21 +171,17 @@ def left_apply(R: Tensor, X: Tensor) -> Tensor:
 
 
 def _joint_msign(Xa: Tensor, Xb: Tensor, cfg: CMConfig) -> tuple[Tensor, Tensor]:
-    """The joint rule: one msign per group over ``[A_1 | ... | A_G | B]`` (``d x (G+1) D``)."""
+    """The joint rule: one msign over the whitened factors stacked along the head (row) axis:
+    per group ``[A_1; ...; A_G; B]`` (``(G+1) d x D``), or with ``hybrid`` the whole ``W_o^T``
+    over the whole ``W_v`` (``(H + Hkv) d x D``, any ``Hkv``). Gauge invariant (docs/math.md)."""
     L, hkv, G, d, D = Xa.shape
     ms: dict[str, Any] = dict(backend=cfg.msign_backend, steps=cfg.msign_steps, dtype=cfg.msign_dtype)
     if cfg.hybrid:
-        if G != 1:
-            raise ValueError(
-                "method='joint' with hybrid=True stacks the whole W_o beside the whole W_v and "
-                "needs as many key/value heads as query heads; pass hybrid=False for GQA/MQA"
-            )
         H = hkv * G
-        Z = msign(torch.cat([Xa.reshape(L, H * d, D), Xb.reshape(L, H * d, D)], dim=-1), **ms)
-        return Z[..., :D].reshape(L, hkv, G, d, D), Z[..., D:].reshape(L, hkv, 1, d, D)
-    stacked = torch.cat([Xa.movedim(2, -2).flatten(-2), Xb.squeeze(2)], dim=-1)  # (L, Hkv, d, (G+1) D)
-    Z = msign(stacked, **ms)
-    return Z[..., : G * D].unflatten(-1, (G, D)).movedim(-2, 2), Z[..., G * D :].unsqueeze(2)
+        Z = msign(torch.cat((Xa.reshape(L, H * d, D), Xb.reshape(L, hkv * d, D)), dim=1), **ms)
+        return Z[:, : H * d].reshape(L, hkv, G, d, D), Z[:, H * d :].reshape(L, hkv, 1, d, D)
+    Z = msign(torch.cat((Xa, Xb), dim=2).flatten(2, 3), **ms).unflatten(2, (G + 1, d))
+    return Z[:, :, :G], Z[:, :, G:]
 
 
 def _renorm(Za: Tensor, dA: Tensor, Zb: Tensor, dB: Tensor, reducer: PairReducer) -> tuple[Tensor, Tensor]:
@@ -242,8 +238,8 @@ def pair_update(
     if cfg.method == "half_split":
         scale = eta / 2
         Za, Zb = reducer.msign_pair(Xa, Xb, cfg)
-    else:
-        scale = eta
+    else:  # joint: eta/2 per factor too (the stacked msign's blocks each have norm <= 1)
+        scale = eta / 2
         Za, Zb = _joint_msign(Xa, Xb, cfg)
     if z_transform is not None:
         Za, Zb = z_transform(Za, Zb)

@@ -14,7 +14,9 @@ from torch import nn
 from ..attention import find_attention, route_parameters
 from ..baselines import CircuitMuon
 from ..compositional import CompositionalMuon
+from ..layouts import mark_layouts
 from ..muon import Muon
+from ..per_head import PerHeadMuon
 from ..variants import AdaMuon, Mano, NewtonMuon, NorMuon
 
 __all__ = ["OPTIMIZERS", "DEFAULT_LR", "build_optimizer", "matrix_and_adamw_groups"]
@@ -23,6 +25,7 @@ __all__ = ["OPTIMIZERS", "DEFAULT_LR", "build_optimizer", "matrix_and_adamw_grou
 DEFAULT_LR = {
     "adamw": 3e-3,
     "muon": 0.02,
+    "muon-per-head": 0.02,
     "cm": 0.02,
     "cm-isotropic": 0.02,
     "circuit-muon": 0.02,
@@ -47,7 +50,8 @@ def matrix_and_adamw_groups(
     **matrix_options,
 ) -> list:
     """``use_muon`` param groups: every hidden matrix (attention included) in one matrix group,
-    embeddings/head/gains/biases in an AdamW group."""
+    embeddings/head/gains/biases in an AdamW group. Expert stacks are tagged (:func:`mark_layouts`)."""
+    mark_layouts(model)
     cm, muon, adamw = route_parameters(model, find_attention(model))
     groups = [dict(params=[p for _, p in cm + muon], lr=lr, weight_decay=weight_decay, use_muon=True, **matrix_options)]
     if adamw:
@@ -108,6 +112,17 @@ def build_optimizer(
             adamw_betas=adamw_betas,
             **options,
         )
+    if name == "muon-per-head":
+        return PerHeadMuon.from_model(
+            model,
+            lr=lr,
+            muon_lr=options.pop("muon_lr", lr),
+            adamw_lr=adamw_lr,
+            weight_decay=weight_decay,
+            adamw_weight_decay=adamw_weight_decay,
+            adamw_betas=adamw_betas,
+            **options,
+        )
     if name == "circuit-muon":
         return CircuitMuon.from_model(
             model,
@@ -127,6 +142,9 @@ def build_optimizer(
         adamw_weight_decay=adamw_weight_decay,
         adamw_betas=adamw_betas,
     )
+    if name == "normuon":  # the paper's set (AdamW-sized update RMS) at the recipe's AdamW-sized lr
+        options.setdefault("scale", "paper")
+        options.setdefault("nesterov", False)
     if name == "newton-muon":  # needs the model: its forward hooks capture the layer inputs
         return cls.from_model(model, groups, **options)
     return cls(groups, **options)

@@ -10,10 +10,11 @@ Si, Zhang, Shen, "AdaMuon: Adaptive Muon Optimizer", arXiv:2507.11005 (Algorithm
     g_t  = 0.2 sqrt(m n) / ||O^_t||_F             RMS-aligned rescaling (update RMS 0.2, as AdamW)
     W_t  = W_{t-1} - lr (g_t O^_t + wd W_{t-1})
 
-The authors' released ``adamuon.py`` differs: it orthogonalizes the momentum without the sign
-(``sign_stabilize=False`` reproduces that), keeps a separate ``beta2 = 0.999`` for ``V`` with bias
-correction (pass ``beta2=0.999``; the bias correction is a scalar that the RMS rescale cancels up to
-``eps``), and uses Nesterov momentum (the default here, ``nesterov=True``, as in their GPT-2 code).
+The defaults follow the paper and the authors' current release: the sign step, one shared
+``beta`` for ``M`` and ``V``, no bias correction, Nesterov momentum (``nesterov=True``, as in their
+GPT-2 code). The superseded first release orthogonalized the momentum without the sign and kept a
+separate ``beta2 = 0.999`` with bias correction: ``sign_stabilize=False, beta2=0.999`` reproduces
+it (the bias correction is a scalar that the RMS rescale cancels up to ``eps``).
 """
 
 from __future__ import annotations
@@ -58,16 +59,19 @@ def adamuon_normalize(
 class AdaMuon(MsignOptimizer):
     """AdaMuon (arXiv:2507.11005, Algorithm 1) with AdamW for ``use_muon=False`` groups.
 
-    Args: ``lr`` (0.02), ``momentum`` (beta, 0.95), ``beta2`` (None: the paper's single beta for
-    ``V``; the released code uses 0.999), ``eps`` (1e-8), ``weight_decay`` (0.01, decoupled),
-    ``nesterov`` (True, as in the released code), ``sign_stabilize`` (True: ``msign(Sign(M))`` as
-    in the paper; False: ``msign(M)`` as in the released code), ``ns_steps`` (5), ``backend``
-    ("newton_schulz"), ``msign_dtype`` (bfloat16 when None), ``nonfinite`` ("raise"/"skip").
+    Args: ``lr`` (0.02), ``momentum`` (beta, 0.95), ``beta2`` (None: the single shared beta of the
+    paper and the current release; 0.999: the first release), ``eps`` (1e-8), ``weight_decay``
+    (0.01, decoupled), ``nesterov`` (True, as in the authors' code), ``sign_stabilize`` (True:
+    ``msign(Sign(M))``, the paper and the current release; False: ``msign(M)``, the first release),
+    ``ns_steps`` (5), ``backend`` ("newton_schulz"), ``msign_dtype`` (None: the device default),
+    ``nonfinite`` ("raise"/"skip").
 
     The update RMS is ``0.2 * lr`` whatever the shape (AdamW-matched): the authors' GPT-2 runs pass
     AdamW's learning rate (6e-4); 0.02 is their class default. Per-parameter state:
     ``momentum_buffer`` and ``second_moment`` (both like ``p``).
     """
+
+    supports_experts = False  # expert stacks (3-D) are refused: no per-expert rule here
 
     matrix_defaults = dict(
         lr=0.02,

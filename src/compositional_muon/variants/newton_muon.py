@@ -164,6 +164,8 @@ class NewtonMuon(MsignOptimizer):
     object itself; ``state_dict`` checkpoints are unaffected.
     """
 
+    supports_experts = False  # expert stacks (3-D) are refused: no per-expert rule here
+
     matrix_defaults = dict(
         Muon.matrix_defaults, refresh_interval=32, precond_beta=0.95, ridge=0.2, precond_init=1e-3, precond_eps=1e-8
     )

@@ -1,5 +1,5 @@
-"""Small byte-level language models for optimizer experiments: :class:`GPT`, :class:`LoopFormer`
-and :class:`MoR` (Mixture-of-Recursions). All share one attention implementation with
+"""Small byte-level language models for optimizer experiments: :class:`GPT`, :class:`LoopFormer`,
+:class:`MoR` (Mixture-of-Recursions) and :class:`MoEGPT` (top-k mixture of experts). All share one attention implementation with
 ``q_proj``/``k_proj``/``v_proj``/``o_proj`` linears and ``head_dim``/``num_heads``/``num_kv_heads``
 attributes, so :func:`compositional_muon.find_attention` discovers every attention layer.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 from .gpt import GPT, GPTConfig
 from .layers import MLP, BaseConfig, Block, CausalSelfAttention, LanguageModel
 from .loopformer import LoopFormer, LoopFormerConfig
+from .moe import MoEGPT, MoEGPTConfig
 from .mor import MoR, MoRConfig
 
 __all__ = [
@@ -18,6 +19,8 @@ __all__ = [
     "LoopFormerConfig",
     "MoR",
     "MoRConfig",
+    "MoEGPT",
+    "MoEGPTConfig",
     "MODELS",
     "build_model",
     "BaseConfig",
@@ -28,7 +31,12 @@ __all__ = [
 ]
 
 # name -> (model class, config class); the configs' defaults are the small defaults
-MODELS = {"gpt": (GPT, GPTConfig), "loopformer": (LoopFormer, LoopFormerConfig), "mor": (MoR, MoRConfig)}
+MODELS = {
+    "gpt": (GPT, GPTConfig),
+    "loopformer": (LoopFormer, LoopFormerConfig),
+    "mor": (MoR, MoRConfig),
+    "moe-gpt": (MoEGPT, MoEGPTConfig),
+}
 
 
 def build_model(name: str, **overrides) -> LanguageModel:

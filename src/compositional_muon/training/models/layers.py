@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...qk_clip import max_logits
+
 __all__ = ["BaseConfig", "rms_norm", "apply_rope", "CausalSelfAttention", "MLP", "Block", "LanguageModel"]
 
 MLP_ACTIVATIONS = ("relu2", "gelu")
@@ -118,7 +120,12 @@ class CausalSelfAttention(nn.Module):
 
     ``q_proj``: ``n_head*head_dim x n_embd``; ``k_proj``, ``v_proj``: ``n_kv_head*head_dim x n_embd``;
     ``o_proj``: ``n_embd x n_head*head_dim``. Query head ``h`` reads K/V head ``h // (n_head/n_kv_head)``.
+    With ``record_max_logits`` set (QK-clip), each forward stores the per-head largest attention
+    logit in ``max_logits`` (``(n_head,)``, see :func:`compositional_muon.qk_clip.max_logits`).
     """
+
+    record_max_logits: bool = False
+    max_logits: torch.Tensor | None = None
 
     def __init__(self, cfg: BaseConfig):
         super().__init__()
@@ -145,6 +152,8 @@ class CausalSelfAttention(nn.Module):
         if self.num_kv_heads != self.num_heads:
             rep = self.num_heads // self.num_kv_heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if self.record_max_logits:
+            self.max_logits = max_logits(q, k, self.head_dim**-0.5, attn_mask)
         if attn_mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
