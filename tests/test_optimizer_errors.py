@@ -18,6 +18,7 @@ from compositional_muon.attention import find_attention
 from compositional_muon.baselines import CircuitMuon
 from compositional_muon.compositional import CompositionalMuon
 from compositional_muon.muon import Muon, MuonWithAuxAdam
+from compositional_muon.per_head import PerHeadMuon
 from compositional_muon.state_check import CLASS_KEY
 from compositional_muon.validation import RANGES
 from compositional_muon.variants import AdaMuon, Mano, NewtonMuon, NorMuon
@@ -91,6 +92,17 @@ def _circuit(m, over, **kw):
     return CircuitMuon(groups, pairs, **kw)
 
 
+def _per_head(m, over, **kw):
+    groups = [
+        dict(kind="heads", attention=find_attention(m)),
+        dict(kind="muon", params=[m.mlp.weight]),
+        dict(kind="adamw", params=m.others()),
+    ]
+    for i, o in over.items():
+        groups[i].update(o)
+    return PerHeadMuon(groups, **kw)
+
+
 BUILDERS = {
     "Muon": _routed(Muon),
     "MuonWithAuxAdam": _routed(MuonWithAuxAdam),
@@ -100,6 +112,7 @@ BUILDERS = {
     "NewtonMuon": _newton,
     "CompositionalMuon": _cm,
     "CircuitMuon": _circuit,
+    "PerHeadMuon": _per_head,
 }
 
 

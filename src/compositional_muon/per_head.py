@@ -38,7 +38,9 @@ from .muon import Muon, muon_momentum, shape_scale
 from .ops import decoupled_add
 from .parallel.layout import gather_full, local, local_part
 
-__all__ = ["PerHeadMuon", "head_blocks"]
+__all__ = ["PerHeadMuon", "head_blocks", "PER_HEAD_KINDS"]
+
+PER_HEAD_KINDS = ("heads", "muon", "adamw")  # a group's ``kind``: per-head attention, plain Muon, AdamW
 
 
 def head_blocks(specs) -> tuple[list, list]:
@@ -70,6 +72,16 @@ def _extra_groups(muon: list, adamw: list, muon_kw: dict, adamw_kw: dict) -> lis
     if adamw:
         out.append(dict(params=[p for _, p in adamw], use_muon=False, **adamw_kw))
     return out
+
+
+def _plain_group_kind(group: dict) -> None:
+    """A non-heads group's ``kind`` and ``use_muon``: either given (they must agree), the other derived."""
+    kind = group.setdefault("kind", "muon" if group.get("use_muon", True) else "adamw")
+    if kind not in PER_HEAD_KINDS:
+        raise ValueError(f"PerHeadMuon: unknown param group kind {kind!r}; expected one of {PER_HEAD_KINDS}")
+    use_muon = group.setdefault("use_muon", kind == "muon")
+    if use_muon is not (kind == "muon"):
+        raise ValueError(f"PerHeadMuon: a kind={kind!r} group cannot set use_muon={use_muon!r}")
 
 
 class PerHeadMuon(Muon):
@@ -150,7 +162,7 @@ class PerHeadMuon(Muon):
                 raise ValueError("a heads group needs `attention=[AttentionSpec, ...]`")
             group["kind"], group["use_muon"] = "heads", True
         else:
-            group.setdefault("kind", "muon" if group.get("use_muon", True) else "adamw")
+            _plain_group_kind(group)
         super().add_param_group(group)
 
     def _matrix_step(self, group: dict, params: list) -> None:

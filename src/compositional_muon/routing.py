@@ -123,9 +123,10 @@ class RoutedOptimizer(torch.optim.Optimizer):
                         f"{type(self).__name__} updates matrices; parameter {i} of a use_muon=True group has shape "
                         f"{tuple(p.shape)}. Put 0-D/1-D parameters (gains, biases) in a use_muon=False (AdamW) group"
                     )
-            _check_layouts(group, self.supports_experts, type(self).__name__)
         validation.check_new_group(self, group)  # the ranges table (validation.py)
-        if group["use_muon"]:  # a DTensor layout no strategy can update exactly: refuse before any step
+        if group["use_muon"]:  # after the table: an unknown tensor_layout is named there
+            _check_layouts(group, self.supports_experts, type(self).__name__)
+            # a DTensor layout no strategy can update exactly: refuse before any step
             check_supported(group["params"], type(self).__name__)
         self._validate_group(group)
         self._register_group(group)

@@ -81,6 +81,14 @@ _UNIT = Range("real", lo=0.0, hi=1.0, hi_open=True)  # a moving-average coeffici
 _BOOL = Range("bool")
 
 
+def _group_kinds() -> tuple:
+    """Group kinds: CompositionalMuon's and PerHeadMuon's (one source each)."""
+    from .compositional import KINDS
+    from .per_head import PER_HEAD_KINDS
+
+    return tuple(dict.fromkeys(KINDS + PER_HEAD_KINDS))
+
+
 def _newton_refusal() -> str:
     from .compositional import _NEWTON_REFUSAL
 
@@ -102,6 +110,8 @@ RANGES: dict[str, Range] = {
     "ns_steps": Range("int", lo=1),
     "backend": Range("choice", options=_options("msign", "BACKENDS"), label="msign backend"),
     "msign_dtype": Range("dtype", none_ok=True),
+    "tensor_layout": Range("choice", options=_options("layouts", "TENSOR_LAYOUTS"), label="tensor_layout"),
+    # Muon's shape factors; CM's (rms_match.CM_ADJUST_LR_FNS) are the same names
     "adjust_lr_fn": Range("choice", options=_options("muon", "ADJUST_LR_FNS"), none_ok=True),
     "beta2": _UNIT,  # None only where the class default is None (AdaMuon)
     "scale": Range("choice", options=_options("variants.normuon", "NORMUON_SCALES"), label="NorMuon scale"),
@@ -112,8 +122,8 @@ RANGES: dict[str, Range] = {
     "ridge": _NONNEG,
     "precond_init": _POSITIVE,
     "precond_eps": _NONNEG,
-    # CompositionalMuon groups
-    "kind": Range("choice", options=_options("compositional", "KINDS"), label="param group kind"),
+    # CompositionalMuon / PerHeadMuon groups
+    "kind": Range("choice", options=_group_kinds, label="param group kind"),
     "lam": _NONNEG,
     "method": Range("choice", options=_options("cm", "METHODS")),
     "isotropic": _BOOL,

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from ..muon import ADJUST_LR_FNS
+from ..qk_clip import GQA_POLICIES
 from . import run_logs
 from .errors import UsageError
 from .models import MODELS
@@ -55,7 +57,25 @@ def _optimizer_group(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--adamw-lr", type=float, default=None, help=f"lr of the AdamW groups (embeddings, head); {DEFAULT_ADAMW_LR:g}"
     )
-    g.add_argument("--muon-lr", type=float, default=None, help="CM: lr of the non-attention matrices (default --lr)")
+    g.add_argument(
+        "--muon-lr",
+        type=float,
+        default=None,
+        help="cm / muon-per-head: lr of the non-attention matrices (default --lr)",
+    )
+    g.add_argument(
+        "--adjust-lr-fn",
+        choices=ADJUST_LR_FNS,
+        default=None,
+        help="muon / muon-per-head / cm: match_rms_adamw scales updates to RMS 0.2*lr (AdamW lrs carry over)",
+    )
+    g.add_argument(
+        "--qk-clip-tau",
+        type=float,
+        default=0.0,
+        help="per-head QK-clip (MuonClip) after every step at this max attention logit (0: off)",
+    )
+    g.add_argument("--qk-clip-gqa", choices=GQA_POLICIES, default="query", help="QK-clip policy for GQA/MQA")
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--warmup", type=int, default=20, help="linear warmup steps")
     g.add_argument(
@@ -195,9 +215,13 @@ def optimizer_config(args) -> dict:
     if options and args.optimizer not in CM_NAMES:
         raise UsageError(f"CM switches {sorted(options)} only apply to --optimizer cm / cm-isotropic")
     if args.muon_lr is not None:
-        if args.optimizer not in CM_NAMES:
-            raise UsageError("--muon-lr only applies to --optimizer cm / cm-isotropic")
+        if args.optimizer not in (*CM_NAMES, "muon-per-head"):
+            raise UsageError("--muon-lr only applies to --optimizer cm / cm-isotropic / muon-per-head")
         options["muon_lr"] = args.muon_lr
+    if args.adjust_lr_fn is not None:
+        if args.optimizer not in ("muon", "muon-per-head", *CM_NAMES):
+            raise UsageError("--adjust-lr-fn only applies to --optimizer muon / muon-per-head / cm / cm-isotropic")
+        options["adjust_lr_fn"] = args.adjust_lr_fn
     options.update(parse_kv(args.opt, "--opt"))
     return dict(
         name=args.optimizer, lr=args.lr, adamw_lr=args.adamw_lr, weight_decay=args.weight_decay, options=options

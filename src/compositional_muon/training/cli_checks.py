@@ -13,6 +13,8 @@ import torch
 
 from ..baselines import CircuitMuon
 from ..compositional import CM_DEFAULTS, CompositionalMuon
+from ..muon import Muon
+from ..per_head import PerHeadMuon
 from ..variants import NewtonMuon
 from . import run_logs
 from .args import CM_NAMES
@@ -39,7 +41,7 @@ _INT_MIN = {
     "sample_tokens": 0,
 }
 _POSITIVE = ("lr", "adamw_lr", "muon_lr")  # finite and > 0
-_NON_NEGATIVE = ("weight_decay", "grad_clip", "time_limit", "lam")  # finite and >= 0
+_NON_NEGATIVE = ("weight_decay", "grad_clip", "time_limit", "lam", "qk_clip_tau")  # finite and >= 0
 _RECIPE_KEYS = {"lr", "adamw_lr", "weight_decay", "adamw_weight_decay", "adamw_betas"}  # set by the recipe itself
 _NOT_OPTIONS = {"self", "cls", "model", "params", "param_groups", "blocks"}
 
@@ -125,6 +127,8 @@ def valid_option_keys(name: str) -> set:
         return set()
     if name in CM_NAMES:
         fns, keys = [CompositionalMuon.from_model], set(CM_DEFAULTS) | {"muon_lr"}
+    elif name == "muon-per-head":  # from_model takes Muon's group keys as **muon_options
+        fns, keys = [PerHeadMuon.from_model], (set(Muon.matrix_defaults) - {"lr", "weight_decay"}) | {"muon_lr"}
     elif name == "circuit-muon":
         fns, keys = [CircuitMuon.from_model], set()
     elif name == "newton-muon":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from .evaluation import evaluate_fixed
+from .qk_clip_step import clip_step
 
 __all__ = ["evaluate", "train_step", "train_loop", "LoopEnd"]
 
@@ -54,8 +55,11 @@ def train_step(st, args, before_update=None) -> dict:
     if before_update is not None:
         before_update()
     opt.step()
+    clip_max = clip_step(st.clipper, runner)  # QK-clip: part of the atomic step, before any save
     st.sched.step()
     rec = dict(train_loss=runner.mean(loss.item()), lr=float(lr_now))
+    if clip_max is not None:
+        rec["qk_max_logit"] = clip_max
     if getattr(model, "last_losses", None):
         rec["parts"] = {k: float(v) for k, v in model.last_losses.items()}
     return rec

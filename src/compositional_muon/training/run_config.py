@@ -32,6 +32,8 @@ def settings(args, ocfg: dict) -> dict:
         adamw_lr=DEFAULT_ADAMW_LR if ocfg["adamw_lr"] is None else ocfg["adamw_lr"],
     )
     out.update({k: getattr(args, k) for k in SETTINGS})
+    if getattr(args, "qk_clip_tau", 0.0):  # recorded only when on (older checkpoints lack the keys)
+        out.update(qk_clip_tau=args.qk_clip_tau, qk_clip_gqa=args.qk_clip_gqa)
     for k, v in ocfg["options"].items():
         out[k if k not in out else "opt." + k] = v
     return out

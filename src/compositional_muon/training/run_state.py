@@ -84,8 +84,9 @@ def _write_failed(e: OSError, path: str) -> RunFailed:
 class RunState:
     """Everything a checkpoint holds and a resume restores, for one process or all ranks."""
 
-    def __init__(self, runner, model, opt, sched, data, config: dict, out: str):
+    def __init__(self, runner, model, opt, sched, data, config: dict, out: str, clipper=None):
         self.runner, self.model, self.opt, self.sched, self.data = runner, model, opt, sched, data
+        self.clipper = clipper  # the QK-clip run after every opt.step() (None: off)
         self.config, self.history = config, []  # history: settings changes accepted on resumes
         self.path = os.path.join(out, runner.checkpoint_name)
         self.fresh = snapshot_hyperparameters(opt)  # this invocation's settings, before any load

@@ -34,6 +34,7 @@ from .interrupts import StopRequest
 from .loop import LoopEnd, evaluate, train_loop
 from .metrics import plot_losses, read_events, read_metrics, summarize, truncate_metrics
 from .models import build_model
+from .qk_clip_step import qk_clipper
 from .recipes import build_optimizer
 from .run_config import run_config
 from .run_dist import Runner
@@ -132,7 +133,8 @@ def _run(args, runner: Runner, stop: StopRequest, mcfg: dict, ocfg: dict) -> dic
     mcfg["vocab_size"] = data.vocab_size
     model, opt = _build(args, runner, mcfg, ocfg)
     sched = build_scheduler(opt, args)
-    st = RunState(runner, model, opt, sched, data, run_config(args, mcfg, ocfg, data.name), args.out)
+    clipper = qk_clipper(args, runner, model)
+    st = RunState(runner, model, opt, sched, data, run_config(args, mcfg, ocfg, data.name), args.out, clipper)
     step, elapsed, changes = st.load(resume, args.accept_changes) if resume else (0, 0.0, {})
     if resume:
         print(f"resumed from {resume} at step {step}", file=sys.stderr)
