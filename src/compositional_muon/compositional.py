@@ -29,7 +29,7 @@ from .layouts import mark_layouts
 from .muon import Muon
 from .parallel import CMGroupStep, is_dtensor
 from .plan import HeadRef, PairBatch, PairEntry, PairLayout, check_checkpoint_layout
-from .rms_match import CM_ADJUST_LR_FNS, match_plan_rms
+from .rms_match import match_plan_rms
 
 __all__ = ["CompositionalMuon"]
 
@@ -251,9 +251,8 @@ class CompositionalMuon(Muon):
                     f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
                     f"{group['transform_beta2']!r}, {group['transform_eps']!r}"
                 )
-        if group["adjust_lr_fn"] not in CM_ADJUST_LR_FNS:
-            raise ValueError(f"unknown adjust_lr_fn {group['adjust_lr_fn']!r}; expected one of {CM_ADJUST_LR_FNS}")
-        if group["adjust_lr_fn"] != "original" and any(is_dtensor(p) for p in group["params"]):
+        # adjust_lr_fn's name is checked by the ranges table (validation.py; rms_match.CM_ADJUST_LR_FNS)
+        if group["adjust_lr_fn"] == "match_rms_adamw" and any(is_dtensor(p) for p in group["params"]):
             raise ValueError("adjust_lr_fn='match_rms_adamw' is not supported for DTensor (FSDP2) CM parameters")
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
@@ -307,9 +306,6 @@ class CompositionalMuon(Muon):
         # (a singular partner with lam=0) leaves parameters and state untouched.
         plans = [(g, self._cm_plan(g)) for g in self.param_groups if g["kind"] == "cm"]
         for g, plan in plans:
-            if g.get("adjust_lr_fn", "original") == "match_rms_adamw":
-                match_plan_rms(plan, float(g["lr"]))
-        for g, plan in plans:
             for batch in plan:
                 # `finite` is set (agreed across ranks) by the sharded strategies
                 if not (batch.finite if batch.finite is not None else all_finite(batch.dA, batch.dB)):
@@ -347,7 +343,8 @@ class CompositionalMuon(Muon):
             transform=self._normuon_transform(group) if normuon else None,
             warn=self._warn_once,
         )
-        return self.parallel.cm_group(step)
+        plan = self.parallel.cm_group(step)
+        return match_plan_rms(plan, float(group["lr"])) if group.get("adjust_lr_fn") == "match_rms_adamw" else plan
 
     @staticmethod
     def _normuon_transform(group: dict):

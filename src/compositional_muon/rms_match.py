@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import torch
 
+from .muon import ADJUST_LR_FNS
 from .plan import PairBatch
 
 __all__ = ["match_factor_rms", "match_plan_rms", "CM_ADJUST_LR_FNS"]
 
-CM_ADJUST_LR_FNS = ("original", "match_rms_adamw")
+CM_ADJUST_LR_FNS = ADJUST_LR_FNS  # Muon's names (one source); "original" leaves CM's step as it is
 RMS = 0.2
 
 
@@ -35,8 +36,9 @@ def match_factor_rms(d: torch.Tensor, eta: float) -> torch.Tensor:
     return (d.to(work) * ratio).to(d.dtype)
 
 
-def match_plan_rms(plan: list[PairBatch], eta: float) -> None:
-    """Rescale the ``dA``/``dB`` of every batch of a CM step plan (whole layers: local or DDP)."""
+def match_plan_rms(plan: list[PairBatch], eta: float) -> list[PairBatch]:
+    """Rescale the ``dA``/``dB`` of every batch of a CM step plan (whole layers: local or DDP), in
+    place; returns ``plan``."""
     for batch in plan:
         if batch.apply is not None or batch.path != "local" or batch.dA is None or batch.dB is None:
             raise ValueError(
@@ -45,3 +47,4 @@ def match_plan_rms(plan: list[PairBatch], eta: float) -> None:
             )
         batch.dA = match_factor_rms(batch.dA, eta)
         batch.dB = match_factor_rms(batch.dB, eta)
+    return plan
