@@ -27,6 +27,7 @@ EXCEPTIONS: dict[str, str] = {
     "training/train.py": "training CLI; its split by concern is the training side of issue 11, not the library's",
     "training/train.py:build_parser": "argparse table: one add_argument per CLI flag",
     "training/train.py:_run": "training loop; split pending with train.py (training side of issue 11)",
+    "compositional.py": "CompositionalMuon (main: 400 lines) + issue 12's adjust_lr_fn/mark_layouts hooks; 408 lines",
     "compositional.py:CompositionalMuon.from_model": "24 keyword-only options in the signature (each documented); the body is ~35 lines",
     "training/data.py": "datasets and loaders (training side of issue 11)",
     "training/recipes.py:build_optimizer": "one branch per optimizer name of the CLI (training side)",

@@ -29,7 +29,7 @@ from .layouts import mark_layouts
 from .muon import Muon
 from .parallel import CMGroupStep, is_dtensor
 from .plan import HeadRef, PairBatch, PairEntry, PairLayout, check_checkpoint_layout
-from .rms_match import match_plan_rms
+from .rms_match import check_rms_match, match_group_rms
 
 __all__ = ["CompositionalMuon"]
 
@@ -78,9 +78,8 @@ class CompositionalMuon(Muon):
     momentum ``m <- beta m + g``), ``nesterov``, ``weight_decay``, ``lam``, ``method``,
     ``isotropic``, ``hybrid`` (OV), ``whitening``, ``connection``, ``momentum_reproject``,
     ``per_mat_renorm``, ``msign_backend``, ``msign_steps``, ``msign_dtype``, ``root_method``,
-    ``adjust_lr_fn`` ("original": CM's own step; "match_rms_adamw": each factor's update per layer
-    rescaled to element RMS ``0.2 lr`` so AdamW learning rates carry over, see :mod:`.rms_match`;
-    :meth:`from_model` also gives it to the Muon group);
+    ``adjust_lr_fn`` ("original"; "match_rms_adamw": each factor's update per layer at element RMS
+    ``0.2 lr``, so AdamW lrs carry over, :mod:`.rms_match`; :meth:`from_model` passes it to Muon);
     and ``transform`` ("none" or "normuon": NorMuon's row normalization of the msign output in the
     whitened head space, with ``transform_beta2`` (0.95) and ``transform_eps`` (1e-8), see
     :func:`~compositional_muon.cm.normalize_head_rows` and ``docs/variants.md``; "newton" is refused).
@@ -251,9 +250,7 @@ class CompositionalMuon(Muon):
                     f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
                     f"{group['transform_beta2']!r}, {group['transform_eps']!r}"
                 )
-        # adjust_lr_fn's name is checked by the ranges table (validation.py; rms_match.CM_ADJUST_LR_FNS)
-        if group["adjust_lr_fn"] == "match_rms_adamw" and any(is_dtensor(p) for p in group["params"]):
-            raise ValueError("adjust_lr_fn='match_rms_adamw' is not supported for DTensor (FSDP2) CM parameters")
+        check_rms_match(group)  # (the name of adjust_lr_fn is checked by the ranges table)
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
         self._validate_base(group)
@@ -343,8 +340,7 @@ class CompositionalMuon(Muon):
             transform=self._normuon_transform(group) if normuon else None,
             warn=self._warn_once,
         )
-        plan = self.parallel.cm_group(step)
-        return match_plan_rms(plan, float(group["lr"])) if group.get("adjust_lr_fn") == "match_rms_adamw" else plan
+        return match_group_rms(self.parallel.cm_group(step), group)
 
     @staticmethod
     def _normuon_transform(group: dict):

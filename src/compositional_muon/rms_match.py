@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 
 from .muon import ADJUST_LR_FNS
+from .parallel import is_dtensor
 from .plan import PairBatch
 
-__all__ = ["match_factor_rms", "match_plan_rms", "CM_ADJUST_LR_FNS"]
+__all__ = ["match_factor_rms", "match_plan_rms", "match_group_rms", "check_rms_match", "CM_ADJUST_LR_FNS"]
 
 CM_ADJUST_LR_FNS = ADJUST_LR_FNS  # Muon's names (one source); "original" leaves CM's step as it is
 RMS = 0.2
@@ -48,3 +49,14 @@ def match_plan_rms(plan: list[PairBatch], eta: float) -> list[PairBatch]:
         batch.dA = match_factor_rms(batch.dA, eta)
         batch.dB = match_factor_rms(batch.dB, eta)
     return plan
+
+
+def check_rms_match(group: dict) -> None:
+    """Construction-time refusal of ``match_rms_adamw`` on DTensor (FSDP2) CM parameters."""
+    if group.get("adjust_lr_fn") == "match_rms_adamw" and any(is_dtensor(p) for p in group["params"]):
+        raise ValueError("adjust_lr_fn='match_rms_adamw' is not supported for DTensor (FSDP2) CM parameters")
+
+
+def match_group_rms(plan: list[PairBatch], group: dict) -> list[PairBatch]:
+    """``plan`` of a CM group, matched (:func:`match_plan_rms`) when its ``adjust_lr_fn`` asks for it."""
+    return match_plan_rms(plan, float(group["lr"])) if group.get("adjust_lr_fn") == "match_rms_adamw" else plan
