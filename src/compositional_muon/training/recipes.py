@@ -99,21 +99,11 @@ def build_optimizer(
             lr=lr,
             betas=adamw_betas,
         )
-    if name in ("cm", "cm-isotropic"):
+    if name in ("cm", "cm-isotropic", "muon-per-head"):
         if name == "cm-isotropic":
             options.setdefault("isotropic", True)
-        return CompositionalMuon.from_model(
-            model,
-            lr=lr,
-            muon_lr=options.pop("muon_lr", lr),
-            adamw_lr=adamw_lr,
-            weight_decay=weight_decay,
-            adamw_weight_decay=adamw_weight_decay,
-            adamw_betas=adamw_betas,
-            **options,
-        )
-    if name == "muon-per-head":
-        return PerHeadMuon.from_model(
+        cls = PerHeadMuon if name == "muon-per-head" else CompositionalMuon
+        return cls.from_model(
             model,
             lr=lr,
             muon_lr=options.pop("muon_lr", lr),

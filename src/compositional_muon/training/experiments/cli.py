@@ -14,25 +14,13 @@ from .grid import plan_runs, preflight, run_grid
 
 __all__ = ["build_parser", "main"]
 
-_DOC = """Run a grid of models x optimizers x seeds (optionally x learning rates) and compare them.
-
-    python -m compositional_muon.experiments                       # the shipped seed-003 study
-    python -m compositional_muon.experiments --config my.json --seeds 0,1,2 --out runs/mine
-    python -m compositional_muon.experiments --optimizers adamw,cm --lr-sweep 0.5,1,2 --steps 200
-    python -m compositional_muon.experiments --resume               # continue an interrupted grid
-
-Every run is an ordinary :func:`compositional_muon.train.run` call, one after another in this
-process, in ``<out>/<model>/<optimizer>/seed<k>`` (``.../seed<k>/lr<x>`` with an LR sweep, ``x``
-the multiplier of the optimizer's base lr). Each run folder holds train's ``metrics.jsonl`` (the
-per-step curves), ``summary.json`` and ``last.pt``, plus ``run.json`` written here (the run's
-config and the measurements below). The grid writes ``<out>/results.json`` (every run),
-``<out>/results.md`` (one table per model) and ``<out>/loss_<model>.png`` (one plot per model)."""
+_DESCRIPTION = "Run a grid of models x optimizers x seeds (optionally x learning rates) and compare them."
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m compositional_muon.experiments",
-        description=_DOC.split("\n\n")[0],
+        description=_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="shipped configs: " + ", ".join(shipped_configs()),
     )
