@@ -30,6 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .msign_gram import chunk_size, gram_polynomial_msign, step_poly
+
 __all__ = [
     "msign",
     "default_msign_dtype",
@@ -44,6 +46,8 @@ __all__ = [
     "MSIGN_EPS",
     "PolySchedule",
     "msign_schedule",
+    "use_gram",
+    "GRAM_MIN_ASPECT",
 ]
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -164,25 +168,53 @@ def _check(x: torch.Tensor) -> None:
 
 
 def newton_schulz(
-    x: torch.Tensor, steps: int = 5, *, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    steps: int = 5,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype | None = None,
+    gram: bool | None = None,
 ) -> torch.Tensor:
-    """Approximate ``msign(x)`` with ``steps`` iterations of the fixed quintic (3.4445, -4.7750, 2.0315)."""
+    """Approximate ``msign(x)`` with ``steps`` iterations of the fixed quintic (3.4445, -4.7750, 2.0315);
+    ``gram`` as in :func:`msign`."""
     _check(x)
     if steps < 1:
         raise ValueError("msign needs at least one iteration step")
     sched = msign_schedule("newton_schulz", steps)
-    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale, out_dtype)
+    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale, out_dtype, gram)
 
 
 def polar_express(
-    x: torch.Tensor, steps: int = 8, *, dtype: torch.dtype = torch.bfloat16, out_dtype: torch.dtype | None = None
+    x: torch.Tensor,
+    steps: int = 8,
+    *,
+    dtype: torch.dtype = torch.bfloat16,
+    out_dtype: torch.dtype | None = None,
+    gram: bool | None = None,
 ) -> torch.Tensor:
-    """Approximate ``msign(x)`` with ``steps`` Polar Express quintics (schedule extended by its last step)."""
+    """Approximate ``msign(x)`` with ``steps`` Polar Express quintics (schedule extended by its last step);
+    ``gram`` as in :func:`msign`."""
     _check(x)
     if steps < 1:
         raise ValueError("msign needs at least one iteration step")
     sched = msign_schedule("polar_express", steps)
-    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale, out_dtype)
+    return _polynomial_msign(x, sched.coeffs, dtype, sched.norm_scale, out_dtype, gram)
+
+
+# Long side / short side from which ``gram=None`` picks the Gram-space form for half-precision
+# working dtypes (measured: docs/performance.md, "Gram-space msign for thin blocks").
+GRAM_MIN_ASPECT = 32.0
+
+
+def use_gram(shape: Sequence[int], dtype: torch.dtype, gram: bool | None = None) -> bool:
+    """Whether :func:`msign` evaluates an iterative backend in Gram space for matrices of
+    ``shape`` (``(..., m, n)``) with working precision ``dtype``: ``gram`` when given, else
+    True for a bfloat16/float16 ``dtype`` and ``max(m, n) / min(m, n) >= GRAM_MIN_ASPECT``
+    (float32/float64 requests keep the direct iteration)."""
+    if gram is not None:
+        return bool(gram)
+    short, long = sorted(shape[-2:])
+    return dtype in (torch.bfloat16, torch.float16) and short > 0 and long >= GRAM_MIN_ASPECT * short
 
 
 def _polynomial_msign(
@@ -191,6 +223,7 @@ def _polynomial_msign(
     dtype: torch.dtype,
     norm_scale: float,
     out_dtype: torch.dtype | None = None,
+    gram: bool | None = None,
 ) -> torch.Tensor:
     if len(coeffs) < 1:
         raise ValueError("msign needs at least one iteration step")
@@ -198,28 +231,62 @@ def _polynomial_msign(
     shape = x.shape
     transposed = x.size(-2) > x.size(-1)
     xt = x.mT if transposed else x
-    # Frobenius norm in float32 at least (a bf16 input cannot overflow the square sum), read from
-    # the input itself: no upcast copy. Then one pass writes the normalized matrix, in the working
-    # dtype, into one fresh contiguous (batch, m, n) buffer (m <= n).
-    acc = torch.float64 if torch.float64 in (dtype, x.dtype) else torch.float32
-    norm = torch.linalg.vector_norm(xt, dim=(-2, -1), keepdim=True, dtype=acc)
-    inv = torch.reciprocal(norm * norm_scale + MSIGN_EPS)
-    if torch.is_grad_enabled() and xt.requires_grad:  # differentiable path (out= is not)
-        y = (xt * inv).to(dtype).contiguous()
+    differentiable = torch.is_grad_enabled() and xt.requires_grad
+    if not differentiable and use_gram(xt.shape, dtype, gram):
+        z = gram_polynomial_msign(xt.flatten(0, -3) if xt.ndim > 2 else xt, coeffs, norm_scale, MSIGN_EPS, dtype, out_dtype)
     else:
-        y = torch.empty(xt.shape, dtype=dtype, device=x.device)
-        torch.mul(xt, inv, out=y)  # computed in `acc`, rounded once into the working dtype
-    # Each step is y <- (a I + b A + c A^2) y with A = y y^T: the polynomial is formed on the small
-    # m x m side (one GEMM-with-bias and a diagonal add), so the m x n iterate sees two GEMMs and
-    # no elementwise pass or copy.
-    y = y.flatten(0, -3) if y.ndim > 2 else y.unsqueeze(0)
-    for a, b, c in coeffs:
-        A = torch.bmm(y, y.mT)
-        Q = torch.baddbmm(A, A, A, beta=b, alpha=c)
-        Q.diagonal(dim1=-2, dim2=-1).add_(a)
-        y = torch.bmm(Q, y)
-    y = y.unflatten(0, shape[:-2]) if len(shape) > 2 else y.squeeze(0)
-    return (y.mT if transposed else y).to(out_dtype)
+        # Frobenius norm in float32 at least (a bf16 input cannot overflow the square sum), read
+        # from the input itself: no upcast copy; the normalized matrix is rounded once into the
+        # working dtype. Each step is y <- (a I + b A + c A^2) y with A = y y^T: the polynomial is
+        # formed on the small m x m side (one GEMM-with-bias and a diagonal add).
+        acc = torch.float64 if torch.float64 in (dtype, x.dtype) else torch.float32
+        norm = torch.linalg.vector_norm(xt, dim=(-2, -1), keepdim=True, dtype=acc)
+        inv = torch.reciprocal(norm * norm_scale + MSIGN_EPS)
+        if differentiable:  # out= is not differentiable
+            y = (xt * inv).to(dtype).contiguous()
+            y = y.flatten(0, -3) if y.ndim > 2 else y.unsqueeze(0)
+            for a, b, c in coeffs:
+                y = torch.bmm(step_poly(y, a, b, c), y)
+            z = y.to(out_dtype)
+        else:
+            z = _direct_chunked(xt, inv, coeffs, dtype, out_dtype)
+    z = z.reshape(xt.shape)
+    return z.mT if transposed else z
+
+
+def _direct_chunked(
+    xt: torch.Tensor,
+    inv: torch.Tensor,
+    coeffs: Sequence[tuple[float, float, float]],
+    dtype: torch.dtype,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The direct iteration without autograd, on ``(batch, m, n)`` chunks of ``xt * inv``.
+
+    On CPU the batch runs in chunks of about 2 MiB per iterate (:func:`~.msign_gram.chunk_size`), so all steps of
+    a chunk stay in cache (1.4x at 576 blocks of 64 x 768 bf16 on a 2-core EPYC), and the iterates
+    ping-pong between two reused buffers (``out=``): a fresh large tensor per step is a fresh mmap,
+    page-faulted and zeroed on first touch (3-4x on the ``P y`` product there). Elsewhere one
+    chunk holds the whole batch."""
+    m, n = xt.shape[-2:]
+    xb = xt.reshape(-1, m, n)
+    inv = inv.reshape(-1, 1, 1)
+    B = xb.size(0)
+    step = chunk_size(B, m, n, dtype, xt.device)
+    y0 = torch.empty((step, m, n), dtype=dtype, device=xt.device)
+    y1 = torch.empty_like(y0)
+    out = None if step == B else torch.empty((B, m, n), dtype=out_dtype, device=xt.device)
+    for i in range(0, B, step):
+        k = min(step, B - i)
+        y, spare = y0[:k], y1[:k]
+        torch.mul(xb[i : i + k], inv[i : i + k], out=y)  # computed in `acc`, rounded once into `dtype`
+        for a, b, c in coeffs:
+            y, spare = torch.bmm(step_poly(y, a, b, c), y, out=spare), y
+        if out is None:
+            return y.to(out_dtype)
+        out[i : i + k].copy_(y)
+    assert out is not None
+    return out
 
 
 def svd_polar(x: torch.Tensor) -> torch.Tensor:
@@ -239,6 +306,7 @@ def msign(
     *,
     dtype: torch.dtype | None = None,
     out_dtype: torch.dtype | None = None,
+    gram: bool | None = None,
 ) -> torch.Tensor:
     """Polar factor ``U V^T`` of every matrix in ``x`` (shape ``(..., m, n)``).
 
@@ -247,6 +315,12 @@ def msign(
     working precision (None: :func:`default_msign_dtype` of ``x.device``, bfloat16 on accelerators;
     ignored by ``"svd"``, which works in ``x.dtype``); ``out_dtype`` the result's (None: ``x.dtype``;
     passing the working dtype skips the final cast when the caller can consume it as is).
+
+    ``gram`` picks how an iterative backend is evaluated (see :mod:`compositional_muon.msign_gram`):
+    ``False`` the direct iteration on the ``m x n`` matrix in ``dtype``; ``True`` the Gram-space
+    form ``msign(X) = Q(S) y_0`` with ``S = y_0 y_0^T`` (short side), the same polynomials run on
+    ``m x m`` matrices in float32 (float64 for float64 inputs), more accurate than a half-precision
+    direct iteration; ``None`` (default): :func:`use_gram`. Autograd always runs the direct form.
     """
     _check(x)
     if backend == "svd":
@@ -261,5 +335,5 @@ def msign(
         raise ValueError(f"msign `steps` must be >= 1, got {steps}")
     work = default_msign_dtype(x.device) if dtype is None else dtype
     if backend == "newton_schulz":
-        return newton_schulz(x, n, dtype=work, out_dtype=out_dtype)
-    return polar_express(x, n, dtype=work, out_dtype=out_dtype)
+        return newton_schulz(x, n, dtype=work, out_dtype=out_dtype, gram=gram)
+    return polar_express(x, n, dtype=work, out_dtype=out_dtype, gram=gram)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..msign import MSIGN_EPS, msign_schedule
+from ..msign_gram import gram_poly_factor
 
 __all__ = ["gram_msign"]
 
@@ -46,14 +47,6 @@ def _svd_factor(Sd: torch.Tensor, dtype: torch.dtype, m: int, n: int) -> torch.T
 
 def _poly_factor(Sd: torch.Tensor, backend: str, steps: int | None) -> torch.Tensor:
     sched = msign_schedule(backend, steps)
-    eye = torch.eye(Sd.size(-1), dtype=torch.float64, device=Sd.device)
     norm = Sd.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(0).sqrt()[..., None, None]
     s0 = 1.0 / (norm * sched.norm_scale + MSIGN_EPS)
-    A = Sd * s0 * s0
-    Q = eye * s0
-    for a, b, c in sched.coeffs:
-        P = a * eye + b * A + c * (A @ A)
-        Q = P @ Q
-        A = P @ A @ P
-        A = 0.5 * (A + A.mT)
-    return Q
+    return gram_poly_factor(Sd * s0 * s0, sched.coeffs) * s0
