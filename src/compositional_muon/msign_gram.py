@@ -82,12 +82,12 @@ def gram_polynomial_msign(
     out_dtype: torch.dtype,
 ) -> Tensor:
     """The polynomial msign of a wide ``x`` (``(batch, m, n)`` or ``(m, n)``, ``m <= n``) in Gram
-    space: per matrix ``y_0 = x / (norm_scale ||x||_F + eps)`` and ``Q`` of all steps but the last
-    (:func:`gram_poly_factor` on ``S = y_0 y_0^T``) in float32 (float64 if ``x`` or ``dtype`` is),
-    ``y_{K-1} = Q y_0`` rounded into the working ``dtype``, then the last step directly on it in
-    ``dtype`` (the restart of the module docstring); result in ``out_dtype``. The direct
-    iteration's normalization and schedule. On CPU the batch runs in cache-sized chunks
-    (:func:`chunk_size`)."""
+    space, all in float32 (float64 if ``x`` or ``dtype`` is; ``dtype`` only picks that): per matrix
+    ``y_0 = x / (norm_scale ||x||_F + eps)``, ``Q`` of all steps but the last by
+    :func:`gram_poly_factor` on ``S = y_0 y_0^T``, ``y_{K-1} = Q y_0``, then the last step
+    directly on ``y_{K-1}`` (the restart of the module docstring); result in ``out_dtype``. The
+    direct iteration's normalization and schedule. On CPU the batch runs in cache-sized chunks
+    (:func:`chunk_size`); the Grams are formed chunk by chunk, the ``m x m`` iteration batched."""
     m, n = x.shape[-2:]
     if m > n:
         raise ValueError(f"gram_polynomial_msign needs wide matrices (m <= n), got {m} x {n}")
@@ -106,17 +106,14 @@ def gram_polynomial_msign(
             y = torch.mul(xb[i : i + step], inv[i : i + step], out=y0[: min(step, B - i)])
             torch.bmm(y, y.mT, out=S[i : i + step])
         Q = gram_poly_factor(S, head) * inv  # applied to x itself: no normalized copy in pass 2
-    w0 = torch.empty((step, m, n), dtype=dtype, device=x.device)
-    w1 = torch.empty_like(w0)
+    w0 = torch.empty((step, m, n), dtype=acc, device=x.device)
     out = torch.empty((B, m, n), dtype=out_dtype, device=x.device)
-    for i in range(0, B, step):  # pass 2, chunked: y_{K-1} = Q x in `acc`, the last step in `dtype`
+    w1 = out if out_dtype == acc else torch.empty_like(w0)
+    for i in range(0, B, step):  # pass 2, chunked: y_{K-1} = Q x, then the last step directly
         k = min(step, B - i)
         xk = xb[i : i + k].to(acc)
-        w = torch.mul(xk, inv[i : i + k]) if Q is None else torch.bmm(Q[i : i + k], xk)
-        w = w0[:k].copy_(w)
-        P = step_poly(w, a, b, c)
-        if out_dtype == dtype:
-            torch.bmm(P, w, out=out[i : i + k])
-        else:
-            out[i : i + k].copy_(torch.bmm(P, w, out=w1[:k]))
+        w = torch.mul(xk, inv[i : i + k], out=w0[:k]) if Q is None else torch.bmm(Q[i : i + k], xk, out=w0[:k])
+        z = torch.bmm(step_poly(w, a, b, c), w, out=w1[i : i + k] if w1 is out else w1[:k])
+        if w1 is not out:
+            out[i : i + k].copy_(z)
     return out.reshape(x.shape)
