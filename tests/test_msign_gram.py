@@ -94,7 +94,7 @@ def test_gram_out_dtype_and_transposed_batches():
     z = msign(x, dtype=torch.bfloat16, out_dtype=torch.bfloat16, gram=True)
     assert z.dtype == torch.bfloat16 and z.shape == x.shape
     zt = msign(x.mT.contiguous(), dtype=torch.bfloat16, out_dtype=torch.bfloat16, gram=True)
-    torch.testing.assert_close(z, zt.mT, rtol=0, atol=1e-5)
+    torch.testing.assert_close(z, zt.mT, rtol=8e-3, atol=1e-4)  # one bf16 ulp
 
 
 def test_use_gram_rule():
