@@ -46,9 +46,7 @@ def test_gram_form_is_the_same_polynomial_in_float64(backend, shape):
 
 
 @pytest.mark.parametrize("backend", ["polar_express", "newton_schulz"])
-@pytest.mark.parametrize(
-    "kind", ["random", "kappa10", "kappa1e3", "rank3", "rank16"], ids=lambda k: k
-)
+@pytest.mark.parametrize("kind", ["random", "kappa10", "kappa1e3", "rank3", "rank16"], ids=lambda k: k)
 def test_gram_bf16_at_least_as_accurate_as_direct_bf16(backend, kind):
     shape = (6, 32, 384)
     x = {

@@ -20,6 +20,14 @@ The iterative backends run in ``dtype`` and return the input's dtype. With ``dty
 Muon does), and on CPU bfloat16 only where the CPU has a native bf16 dot product (AMX / AVX512-BF16 flags),
 float32 otherwise: a CPU without native bf16 runs a bf16 matmul 15-50x slower than a float32 one, and float32 is also the more accurate choice (see
 ``docs/performance.md``). Pass ``torch.bfloat16``, ``torch.float32`` or ``torch.float64`` to fix it.
+
+Evaluation of the iterative backends (``gram=`` of :func:`msign`): directly, two GEMMs per step on
+the ``m x n`` iterate (on CPU in cache-sized chunks of the batch with reused buffers), or in Gram
+space (:mod:`compositional_muon.msign_gram`): ``msign(X) = Q(S) y_0`` with ``S = y_0 y_0^T`` on
+the short side, the same polynomials on ``m x m`` matrices in float32. The Gram form is float32
+accurate for a half-precision request; :func:`use_gram` picks it for bfloat16/float16 requests on
+matrices with aspect ratio >= :data:`GRAM_MIN_ASPECT`, where it costs about the same as the
+direct bfloat16 iteration on a native-bf16 CPU (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -228,12 +236,13 @@ def _polynomial_msign(
     if len(coeffs) < 1:
         raise ValueError("msign needs at least one iteration step")
     out_dtype = x.dtype if out_dtype is None else out_dtype
-    shape = x.shape
     transposed = x.size(-2) > x.size(-1)
     xt = x.mT if transposed else x
     differentiable = torch.is_grad_enabled() and xt.requires_grad
     if not differentiable and use_gram(xt.shape, dtype, gram):
-        z = gram_polynomial_msign(xt.flatten(0, -3) if xt.ndim > 2 else xt, coeffs, norm_scale, MSIGN_EPS, dtype, out_dtype)
+        z = gram_polynomial_msign(
+            xt.flatten(0, -3) if xt.ndim > 2 else xt, coeffs, norm_scale, MSIGN_EPS, dtype, out_dtype
+        )
     else:
         # Frobenius norm in float32 at least (a bf16 input cannot overflow the square sum), read
         # from the input itself: no upcast copy; the normalized matrix is rounded once into the
