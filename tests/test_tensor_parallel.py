@@ -22,7 +22,17 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from compositional_muon import AdaMuon, CompositionalMuon, Mano, Muon, MuonWithAuxAdam, NewtonMuon, NorMuon
+from compositional_muon import (
+    AdaMuon,
+    CompositionalMuon,
+    Mano,
+    Muon,
+    MuonWithAuxAdam,
+    NewtonMuon,
+    NorMuon,
+    PerHeadMuon,
+)
+from compositional_muon.attention import DEFAULT_ADAMW_PATTERNS
 from compositional_muon import distributed as D
 
 F32 = torch.float32
@@ -157,6 +167,11 @@ def build_opt(name, model, distributed="auto"):
         return AdaMuon(matrix_groups(model), lr=0.01, msign_dtype=F32, **kw)
     if name == "mano":
         return Mano(matrix_groups(model), lr=0.01, **kw)
+    if name == "per_head":
+        return PerHeadMuon.from_model(model, lr=0.02, adamw_lr=1e-2, weight_decay=0.01, msign_dtype=F32, **kw)
+    if name == "per_head_attn":  # attention only (the MLP in AdamW): every byte is the per-head part's
+        pats = DEFAULT_ADAMW_PATTERNS + ("*.fc.*", "*.down.*")
+        return PerHeadMuon.from_model(model, lr=0.02, adamw_lr=1e-2, adamw_patterns=pats, msign_dtype=F32, **kw)
     if name == "newton":
         opt = NewtonMuon(matrix_groups(model), lr=0.02, msign_dtype=F32, refresh_interval=2, **kw)
         opt.register(model, warn=False)
@@ -164,7 +179,7 @@ def build_opt(name, model, distributed="auto"):
     raise KeyError(name)
 
 
-OPTS = ("muon", "muon_aux", "cm", "cm_iso", "cm_nohybrid", "normuon", "adamuon", "mano")
+OPTS = ("muon", "muon_aux", "cm", "cm_iso", "cm_nohybrid", "normuon", "adamuon", "mano", "per_head", "per_head_attn")
 
 
 def batches(V, n, B=4, T=6, seed=1):
@@ -401,6 +416,21 @@ def sc_tp_cm_comm(rank, world):
     )
 
 
+def sc_tp_per_head_comm(rank, world):
+    """Every collective (c10d and DTensor dispatch, seen by CommDebugMode) of a PerHeadMuon step on
+    attention only under TP (heads aligned): only the 4-byte NaN/inf agreement."""
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    model, _, _ = build_model(GQA, "tp")
+    opt = build_opt("per_head_attn", model)
+    x, y = batches(32, 1)[0]
+    F.cross_entropy(model(x).reshape(-1, 32), y.reshape(-1)).backward()
+    counter, mode = D.CommCounter(), CommDebugMode()
+    with counter, mode:
+        opt.step()
+    return dict(tags=counter.by_tag(), all_collectives=mode.get_total_counts())
+
+
 def _worker(rank, world, init_file, jobs, outdir):
     torch.set_num_threads(1)
     import datetime
@@ -461,6 +491,7 @@ def world2(ckpt_dir):
             ("unsupported", "sc_unsupported", ()),
             ("ep", "sc_expert_parallel", (("muon",),)),
             ("tp_cm_comm", "sc_tp_cm_comm", ()),
+            ("tp_per_head_comm", "sc_tp_per_head_comm", ()),
         ],
     )
 
@@ -473,7 +504,7 @@ def world4(world2, ckpt_dir):
         [
             ("hsdp", "sc_equivalence", ("hsdp", OPTS + ("newton",), MHA)),
             ("fsdp_tp", "sc_equivalence", ("fsdp_tp", OPTS + ("cm_renorm",), MHA)),
-            ("fsdp_tp_split", "sc_equivalence", ("fsdp_tp", ("cm",), SPLIT)),
+            ("fsdp_tp_split", "sc_equivalence", ("fsdp_tp", ("cm", "per_head"), SPLIT)),
             ("load_fsdp", "sc_ckpt_load", (ckpt_dir, CKPT_OPTS, "fsdp")),
             ("load_fsdp_tp", "sc_ckpt_load", (ckpt_dir, CKPT_OPTS, "fsdp_tp")),
         ],
@@ -504,17 +535,23 @@ EXPECTED_BYTES = {
     ("tp_gqa", "cm_nohybrid"): {"muon.msign": 4096},
     ("tp_gqa", "cm_iso"): {"muon.msign": 4096},
     ("tp_gqa", "cm_renorm"): {"cm.qk.renorm": 32, "cm.ov.renorm": 32, "cm.ov.hybrid": 1024, "muon.msign": 4096},
+    ("tp_gqa", "per_head"): {"muon.msign": 4096},  # the MLP's Muon; attention: 0
+    ("tp_gqa", "per_head_attn"): {},
     ("hsdp", "muon"): {"muon.msign": 8192},
     ("hsdp", "mano"): {},
     ("hsdp", "newton"): {"muon.msign": 8192},
     ("hsdp", "cm"): {"cm.ov.gram": 1024, "cm.ov.hybrid": 1024, "muon.msign": 4096},
     ("hsdp", "cm_nohybrid"): {"cm.ov.gram": 1024, "cm.ov.msign": 512, "muon.msign": 4096},
     ("hsdp", "cm_iso"): {"cm.ov.gram": 64, "cm.ov.msign": 512, "muon.msign": 4096},
+    ("hsdp", "per_head"): {"per_head.gram": 512, "muon.msign": 4096},
+    ("hsdp", "per_head_attn"): {"per_head.gram": 512},
     ("fsdp_tp", "muon"): {"muon.msign": 6144},
     ("fsdp_tp", "mano"): {},
     ("fsdp_tp", "cm"): {"cm.ov.gram": 1024, "cm.ov.hybrid": 1024, "muon.msign": 3072},
     ("fsdp_tp", "cm_nohybrid"): {"cm.ov.gram": 1024, "cm.ov.msign": 256, "muon.msign": 3072},
     ("fsdp_tp", "cm_iso"): {"cm.ov.gram": 64, "cm.ov.msign": 256, "muon.msign": 3072},
+    ("fsdp_tp", "per_head"): {"per_head.gram": 256, "muon.msign": 3072},
+    ("fsdp_tp", "per_head_attn"): {"per_head.gram": 256},
 }
 
 
@@ -567,6 +604,15 @@ def test_fsdp_x_tp_heads_straddling_shards_fall_back_exactly(world4):
 
 
 @pytest.mark.slow
+def test_per_head_heads_straddling_shards_gather_exactly(world4):
+    """FSDP x TP with a head across two row chunks: q/k/v take the gather fallback (exact), W_o's
+    whole-head columns still take the d x d Gram route."""
+    r = _result(world4, "fsdp_tp_split")["per_head"]
+    assert r["rel"] < TOL, r
+    assert r["bytes"]["per_head.gather"] > 0 and r["bytes"]["per_head.gram"] > 0, r
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["fsdp", "fsdp_tp"])
 def test_checkpoint_reshards_from_2_to_4_ranks(world4, setting):
     """Written by 2-rank FSDP, resumed by 4-rank FSDP and 2 x 2 FSDP x TP: the same optimizer
@@ -597,6 +643,17 @@ def test_expert_parallel_updates_each_expert_locally(world2):
     assert r["rel"] < TOL, r
     assert r["placements"]["moe.up"] == ["S(0)"], r["placements"]
     assert "muon.msign" not in r["bytes"], r["bytes"]  # whole experts on every rank: nothing to move
+
+
+def test_tp2_per_head_attention_is_local(world2):
+    """PerHeadMuon under TP with heads aligned (q/k/v whole rows, o whole columns per rank): the
+    attention step issues no collective but the NaN/inf agreement, and the whole model's only
+    optimizer traffic is the MLP's Muon."""
+    r = _result(world2, "tp_per_head_comm")
+    assert r["tags"] == {"finite": 4} and r["all_collectives"] == 1, r
+    res = _result(world2, "tp_gqa")
+    assert {t: b for t, b in res["per_head_attn"]["bytes"].items() if t != "finite"} == {}, res["per_head_attn"]
+    assert not any(t.startswith("per_head") for t in res["per_head"]["bytes"]), res["per_head"]
 
 
 def test_tp2_cm_plan_issues_no_collective_but_the_finite_agreement(world2):
