@@ -8,17 +8,13 @@ One spawned job per world size (2 ranks: TP; 4 ranks: HSDP, FSDP x TP), as in te
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -34,6 +30,8 @@ from compositional_muon import (
 )
 from compositional_muon import distributed as D
 from compositional_muon.attention import DEFAULT_ADAMW_PATTERNS
+from dist_harness import result as _result
+from dist_harness import run_world
 
 F32 = torch.float32
 STEPS = 3
@@ -431,46 +429,8 @@ def sc_tp_per_head_comm(rank, world):
     return dict(tags=counter.by_tag(), all_collectives=mode.get_total_counts())
 
 
-def _worker(rank, world, init_file, jobs, outdir):
-    torch.set_num_threads(1)
-    import datetime
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    results = {}
-    try:
-        for key, fn, args in jobs:
-            t0 = time.time()
-            try:
-                results[key] = dict(ok=True, result=globals()[fn](rank, world, *args))
-            except Exception:  # recorded; the test asserting on it fails with the traceback
-                results[key] = dict(ok=False, error=traceback.format_exc())
-            results[key]["seconds"] = time.time() - t0
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()
-
-
 def _run_world(world, jobs):
-    outdir = tempfile.mkdtemp(prefix=f"cm-tp{world}-")
-    t0 = time.time()
-    mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "compositional_muon", __name__])
-    mp.start_processes(
-        _worker, args=(world, os.path.join(outdir, "store"), jobs, outdir), nprocs=world, start_method="forkserver"
-    )
-    with open(os.path.join(outdir, "rank0.json")) as f:
-        res = json.load(f)
-    res["_seconds"] = time.time() - t0
-    return res
-
-
-def _result(res, key):
-    r = res[key]
-    assert r["ok"], r["error"]
-    return r["result"]
+    return run_world(world, jobs, __name__, prefix="cm-tp")
 
 
 @pytest.fixture(scope="module")
