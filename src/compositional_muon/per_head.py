@@ -92,9 +92,12 @@ class PerHeadMuon(Muon):
     exactly once by head slices), plus Muon (``use_muon=True``) and AdamW (``use_muon=False``)
     groups as for :class:`MuonWithAuxAdam`. A heads group takes Muon's options (``lr``,
     ``momentum``, ``nesterov``, ``ns_steps``, ``weight_decay``, ``adjust_lr_fn``, ``backend``,
-    ``msign_dtype``). DDP: the head msigns are spread over the ranks like Muon's matrices; FSDP2:
-    each sharded attention weight's direction is gathered, every head's msign spread over the
-    ranks, and each rank keeps its rows.
+    ``msign_dtype``). DDP: the head msigns are spread over the ranks like Muon's matrices.
+    DTensor weights (FSDP2, TP, HSDP, FSDP x TP, HSDP x TP; :mod:`.parallel.heads`): a weight whose
+    head blocks each lie whole on one rank (TP's q/k/v rows and o columns) is orthogonalized where
+    it lives, with no communication; one whose blocks' width is split (FSDP2's o rows) from the
+    all-reduced ``d x d`` Grams; any other (a head across a shard boundary) is gathered, its
+    head msigns spread, and each rank keeps its part.
     """
 
     def __init__(self, param_groups, *, nonfinite: str = "raise", distributed="auto"):
