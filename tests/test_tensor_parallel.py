@@ -122,6 +122,12 @@ def build_model(cfg, setting, seed=0):
             fully_shard(b, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model, rank, world
+    if setting == "cli_3d":  # the CLI's --dist fsdp2 --tp 2 --hsdp 1 (training.dist.wrap_model): 2 x 1 x 2
+        from compositional_muon.training import dist as TD
+
+        model = TD.wrap_model(model, "fsdp2", tp=2, hsdp=1)
+        spec = TD.MeshSpec(world, tp=2, hsdp=1)
+        return model, spec.dp_rank(rank), spec.dp_world
     if setting.startswith("hsdp_tp"):  # 3-D (replicate, shard, tp): "hsdp_tp" 2 x 1 x 2, "hsdp_tp_122" 1 x 2 x 2
         shape = (1, 2, world // 2) if setting.endswith("122") else (2, 1, world // 2)
         mesh3 = init_device_mesh("cpu", shape, mesh_dim_names=("rep", "shard", "tp"))
@@ -467,6 +473,7 @@ def world4(world2, ckpt_dir):
             ("fsdp_tp", "sc_equivalence", ("fsdp_tp", OPTS + ("cm_renorm", "newton"), MHA)),
             ("hsdp_tp_122", "sc_equivalence", ("hsdp_tp_122", OPTS + ("newton",), MHA)),
             ("hsdp_tp", "sc_equivalence", ("hsdp_tp", MESH3_OPTS, MHA)),
+            ("cli_3d", "sc_equivalence", ("cli_3d", ("cm", "per_head"), MHA)),
             ("fsdp_tp_split", "sc_equivalence", ("fsdp_tp", ("cm", "per_head"), SPLIT)),
             ("load_fsdp", "sc_ckpt_load", (ckpt_dir, CKPT_OPTS, "fsdp")),
             ("load_fsdp_tp", "sc_ckpt_load", (ckpt_dir, CKPT_OPTS, "fsdp_tp")),
@@ -591,6 +598,16 @@ def test_hsdp_x_tp_3d_mesh_matches_single_process(world4, key, name):
     r = _result(world4, key)[name]
     assert r["rel"] < TOL and not r["warnings"], r
     assert r["placements"]["blocks.0.attn.o_proj.weight"] == ["R", "S(0)", "S(1)"], r["placements"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cm", "per_head"])
+def test_cli_wrap_model_builds_the_3d_mesh(world4, name):
+    """``wrap_model(model, "fsdp2", tp=2, hsdp=1)`` (the CLI's ``--tp 2 --hsdp 1`` on 4 ranks) gives
+    the replicate x shard x tp placements, and the optimizers equal the single process on it."""
+    r = _result(world4, "cli_3d")[name]
+    assert r["rel"] < TOL and not r["warnings"], r
+    assert r["placements"]["blocks.0.attn.q_proj.weight"] == ["R", "_S(0, 2)", "S(0)"], r["placements"]
 
 
 @pytest.mark.slow

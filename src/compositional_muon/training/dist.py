@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -180,35 +181,44 @@ def wrap_model(
         ids = [dev.index] if getattr(dev, "type", "cpu") == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, **kwargs)
     if mode == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor.parallel import parallelize_module
 
         kind = torch.device(device if device is not None else next(model.parameters()).device).type
         todo = _blocks(model) if blocks is None else blocks
-        if tp > 1:
-            if hsdp:  # 3-D: (replicate, shard, tp)
-                mesh = init_device_mesh(kind, (spec.dp_world // hsdp, hsdp, tp), mesh_dim_names=("replicate", "shard", "tp"))
-                fsdp_mesh = mesh["replicate", "shard"]
-            else:
-                mesh = init_device_mesh(kind, (spec.dp_world, tp), mesh_dim_names=("dp", "tp"))
-                fsdp_mesh = mesh["dp"]
-            for b in todo:
-                plan = tp_plan(b)
-                if not plan:
-                    raise ValueError(f"--tp {tp}: block {type(b).__name__} has no nn.Linear named in COLWISE/ROWWISE")
-                parallelize_module(b, mesh["tp"], plan)
-            if spec.dp_world == 1:
-                return model
-        elif hsdp:
-            fsdp_mesh = init_device_mesh(kind, (spec.world // hsdp, hsdp), mesh_dim_names=("replicate", "shard"))
-        else:
-            fsdp_mesh = init_device_mesh(kind, (spec.world,))
+        fsdp_mesh = _fsdp2_mesh(kind, spec, todo)
+        if fsdp_mesh is None:  # pure TP
+            return model
         for b in todo:
             fully_shard(b, mesh=fsdp_mesh, **kwargs)
         fully_shard(model, mesh=fsdp_mesh, **kwargs)
         return model
     raise ValueError(f"unknown distributed mode {mode!r}; expected 'none', 'ddp' or 'fsdp2'")
+
+
+def _fsdp2_mesh(kind: str, spec: MeshSpec, todo: list) -> Any:
+    """The mesh ``fully_shard`` runs on (None under pure TP), after splitting every block of
+    ``todo`` by :func:`tp_plan` when ``spec.tp > 1``: 1-D, replicate x shard (HSDP), dp x tp or
+    replicate x shard x tp (the last dim tp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    tp, hsdp = spec.tp, spec.hsdp
+    if tp == 1:
+        if hsdp:
+            return init_device_mesh(kind, (spec.world // hsdp, hsdp), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(kind, (spec.world,))
+    if hsdp:  # 3-D: (replicate, shard, tp)
+        mesh = init_device_mesh(kind, (spec.dp_world // hsdp, hsdp, tp), mesh_dim_names=("replicate", "shard", "tp"))
+        fsdp_mesh = mesh["replicate", "shard"]
+    else:
+        mesh = init_device_mesh(kind, (spec.dp_world, tp), mesh_dim_names=("dp", "tp"))
+        fsdp_mesh = mesh["dp"]
+    for b in todo:
+        plan = tp_plan(b)
+        if not plan:
+            raise ValueError(f"--tp {tp}: block {type(b).__name__} has no nn.Linear named in COLWISE/ROWWISE")
+        parallelize_module(b, mesh["tp"], plan)
+    return None if spec.dp_world == 1 else fsdp_mesh
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

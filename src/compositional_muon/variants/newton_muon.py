@@ -28,6 +28,7 @@ import functools
 import warnings
 import weakref
 from itertools import chain
+from typing import Any
 
 import torch
 from torch import nn
@@ -121,7 +122,7 @@ class NewtonMuonHooks:
         self.remove()
 
 
-def _full_input(w, x: torch.Tensor) -> torch.Tensor:
+def _full_input(w, x: Any) -> torch.Tensor:
     """The layer input as a plain tensor with all ``n`` features: a DTensor input (tensor
     parallel: replicated for a column-parallel layer, feature-sharded ``Shard(-1)`` for a
     row-parallel one) is gathered (``newton.input``, refresh steps only); a plain input must
