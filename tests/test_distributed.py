@@ -7,17 +7,13 @@ process group each, to pay the start-up once); each test asserts on its scenario
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +21,8 @@ from compositional_muon import AdaMuon, CompositionalMuon, Mano, Muon, MuonWithA
 from compositional_muon import distributed as D
 from compositional_muon.msign import msign
 from compositional_muon.training import dist as TD
+from dist_harness import result as _result
+from dist_harness import run_world
 
 F32 = torch.float32
 STEPS = 3
@@ -375,43 +373,8 @@ def sc_layouts(rank, world):
     return out
 
 
-def _worker(rank, world, init_file, jobs, outdir):
-    torch.set_num_threads(1)
-    import datetime
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    results = {}
-    try:
-        for key, fn, args in jobs:
-            t0 = time.time()
-            try:
-                res = globals()[fn](rank, world, *args)
-                results[key] = dict(ok=True, result=res)
-            except Exception:  # recorded; the test asserting on it fails with the traceback
-                results[key] = dict(ok=False, error=traceback.format_exc())
-            results[key]["seconds"] = time.time() - t0
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()
-
-
 def _run_world(world, jobs):
-    outdir = tempfile.mkdtemp(prefix=f"cm-dist{world}-")
-    t0 = time.time()
-    # A forkserver (a fresh process, so fork-safe) imports torch and this module once; the ranks
-    # are forked from it, which saves a torch import per rank.
-    mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "compositional_muon", __name__])
-    mp.start_processes(
-        _worker, args=(world, os.path.join(outdir, "store"), jobs, outdir), nprocs=world, start_method="forkserver"
-    )
-    with open(os.path.join(outdir, "rank0.json")) as f:
-        res = json.load(f)
-    res["_seconds"] = time.time() - t0
-    return res
+    return run_world(world, jobs, __name__, prefix="cm-dist")
 
 
 @pytest.fixture(scope="module")
@@ -441,12 +404,6 @@ def world4():
             ("fallback", "sc_fallback", ()),
         ],
     )
-
-
-def _result(res, key):
-    r = res[key]
-    assert r["ok"], r["error"]
-    return r["result"]
 
 
 # ------------------------------------------------------------------------------------------------
