@@ -119,8 +119,11 @@ def _prepass(jobs: list[tuple[dict, CMGroupStep]]) -> None:
 
 def _check(group: dict, plan: list[PairBatch], written: int) -> None:
     for batch in plan:
-        # `finite` is set (agreed across ranks) by the sharded strategies
-        if batch.finite if batch.finite is not None else all_finite(batch.dA, batch.dB):
+        if batch.finite is not None:  # set (agreed across ranks) by the sharded strategies
+            ok = batch.finite
+        else:  # an update that was not computed is refused by `write`
+            ok = batch.dA is None or batch.dB is None or all_finite(batch.dA, batch.dB)
+        if ok:
             continue
         message = validation.nonfinite_cm_update_message(batch.names, (batch.A, batch.B), group["lam"])
         if written:

@@ -6,8 +6,8 @@ torch.optim's conventions (state_dict, schedulers, closures, add_param_group).
 
 Param groups carry a ``kind``: ``"cm"`` (with ``cm_pairs``, the head slices of its parameters),
 ``"muon"`` or ``"adamw"``. Groups written for ``MuonWithAuxAdam`` (``use_muon`` flags, no ``kind``)
-work as Muon / AdamW groups. Same-shape pairs of a CM group are stacked and updated by one batched
-kernel call (see ``cm.pair_update``).
+work as Muon / AdamW groups. Same-shape pairs of a CM group are stacked, in byte-capped buckets, and
+updated by one batched kernel call per bucket (see ``cm.pair_update`` and ``cm_stream``).
 """
 
 from __future__ import annotations
@@ -84,6 +84,18 @@ class CompositionalMuon(Muon):
     ``distributed`` ("auto", True, False): under DDP the CM layers and Muon matrices are split
     among the ranks and the updates all-gathered; DTensor (FSDP2) parameters take the shard-aware
     path (see :mod:`compositional_muon.distributed` and ``docs/distributed.md``).
+
+    ``bucket_bytes`` (constructor keyword, default 256 MiB, :mod:`~compositional_muon.buckets`;
+    also a CM group option, the constructor's value by default; a positive int or None): the CM
+    step runs over buckets of same-shape pairs whose estimated working memory stays under
+    ``min(bucket_bytes, max(4 MiB, 0.4 x the group's CM weight bytes))`` (a pair over it is a bucket
+    of its own; None: one bucket per shape), each stacked, computed, checked and written before the
+    next (:mod:`~compositional_muon.cm_stream`); the Muon groups use the same cap. The result does
+    not depend on the buckets. Guarantee: gradients with NaN/inf, or a singular partner Gram (only
+    possible with ``lam=0``: such groups get a partner-root pre-pass over all buckets first), raise
+    :class:`NonFiniteError` with nothing written; a bucket that is non-finite for another reason
+    (an overflow from an absurd ``lr``) raises after the earlier buckets were written, and says so.
+    DTensor CM groups compute their whole plan before writing anything.
 
     A QK/OV pair is stepped whole: a pair where neither weight has a gradient is skipped; a pair
     where exactly one has a gradient raises ``ValueError`` at ``step`` before anything is written
