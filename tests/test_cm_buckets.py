@@ -184,12 +184,13 @@ def test_without_the_prepass_a_late_failure_says_earlier_buckets_were_written(mo
     assert any(changed) and all(torch.isfinite(p).all() for p in m.parameters())
 
 
-def test_lam_positive_does_not_run_the_prepass(monkeypatch, one_thread):
+def test_only_small_lam_runs_the_prepass(monkeypatch, one_thread):
     calls = []
     real = cm_stream._prepass
     monkeypatch.setattr(cm_stream, "_prepass", lambda jobs: calls.append(len(jobs)) or real(jobs))
-    m = _model()
-    opt = _opt(m, 1, muon=False)
-    _grads(m, 0)
-    opt.step()
-    assert calls == [0]
+    for lam in (1e-2, cm_stream.PREPASS_LAM, 1e-5, 0.0):
+        m = _model()
+        opt = _opt(m, 1, muon=False, lam=lam)
+        _grads(m, 0)
+        opt.step()
+    assert calls == [0, 0, 1, 1]

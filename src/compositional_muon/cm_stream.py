@@ -9,15 +9,18 @@ stacked, its update computed and checked for NaN/inf, its momenta, head moments 
 written, and its tensors freed before the next bucket is stacked, so the step's transient memory
 is about one bucket's, not a multiple of all CM weights.
 
-The all-or-nothing guarantee. The one way finite gradients give a non-finite CM update is a
-partner root of a singular partner Gram, possible only with ``lam = 0`` (``lam > 0`` bounds every
-root by ``lam^{-1/2}``). So when a group has ``lam = 0``, a pre-pass first computes the partner
-roots the update uses (the ``d x d`` Grams and their roots, bucket by bucket; no msign) for every
-such group and raises :class:`~compositional_muon.finite.NonFiniteError` before anything is
-written if one is non-finite. Every bucket is then still checked before it is written; a bucket
-that fails after earlier ones were written (an overflow from an absurd ``lr``, or weights that
-were already NaN/inf while the gradients were finite) raises ``NonFiniteError`` saying how many
-buckets of this step were written. The DTensor strategies (FSDP2, TP, HSDP, expert parallel, the
+The all-or-nothing guarantee. The one way finite gradients and weights give a non-finite CM update
+short of overflow is the partner root of a singular partner Gram ``G + lam I``: with ``lam = 0``,
+or with a ``lam`` so small that the float32 round-off of ``G`` (about ``1e-7`` of its largest
+eigenvalue) can outweigh it. So when a group has ``lam <`` :data:`PREPASS_LAM` (``1e-4``; the
+default ``lam`` is ``1e-2``), a pre-pass first computes the partner roots the update uses (the
+``d x d`` Grams and their roots, bucket by bucket; no msign) for every such group and raises
+:class:`~compositional_muon.finite.NonFiniteError` before anything is written if one is
+non-finite. Every bucket is then still checked before it is written; a bucket that fails after
+earlier ones were written (an overflow from an absurd ``lr``, or weights that were already NaN/inf
+while the gradients were finite) raises ``NonFiniteError`` saying how many buckets of this step
+were written. Pairs are disjoint head slices (a parameter covered twice is refused when specs are
+routed), so writing one bucket does not change the inputs of another. The DTensor strategies (FSDP2, TP, HSDP, expert parallel, the
 gather fallback) compute their whole plan before writing anything, as before (see
 ``docs/performance.md``).
 """
@@ -39,7 +42,10 @@ from .parallel.strategy import Strategy, bucket_config, local_buckets
 from .plan import PairBatch, PairEntry, PairLayout
 from .rms_match import match_group_rms
 
-__all__ = ["prepare", "step_groups", "write", "normuon_transform"]
+__all__ = ["prepare", "step_groups", "write", "normuon_transform", "PREPASS_LAM"]
+
+#: groups with ``lam`` below this get the partner-root pre-pass before anything is written
+PREPASS_LAM = 1e-4
 
 
 def prepare(opt: Any, group: dict) -> CMGroupStep:
@@ -80,7 +86,7 @@ def _index(opt: Any, group: dict) -> int:
 def step_groups(opt: Any, groups: list[dict]) -> dict:
     """Step the CM ``groups`` of ``opt``; returns the per-pair stats (``track_stats``).
 
-    Groups whose strategy does not stream (DTensor) are computed and checked first, the ``lam = 0``
+    Groups whose strategy does not stream (DTensor) are computed and checked first, the small-``lam``
     pre-pass runs over the streaming ones, and only then is anything written."""
     jobs = [(g, prepare(opt, g)) for g in groups]
     strategies: list[Strategy] = [opt.parallel.cm_strategy(s.params, s.transform is not None) for _, s in jobs]
@@ -88,7 +94,7 @@ def step_groups(opt: Any, groups: list[dict]) -> dict:
     for g, plan in whole:
         _check(g, plan, written=0)
     streamed = [(g, s, st) for (g, s), st in zip(jobs, strategies) if st.streams]
-    _prepass([(g, s) for g, s, _ in streamed if g["lam"] == 0])
+    _prepass([(g, s) for g, s, _ in streamed if g["lam"] < PREPASS_LAM])
     stats: dict = {}
     written = 0
     for g, plan in whole:
@@ -106,7 +112,7 @@ def step_groups(opt: Any, groups: list[dict]) -> dict:
 
 
 def _prepass(jobs: list[tuple[dict, CMGroupStep]]) -> None:
-    """``lam = 0``: raise before anything is written when a partner root the update uses is not finite."""
+    """``lam < PREPASS_LAM``: raise before anything is written when a partner root the update uses is not finite."""
     for g, step in jobs:
         for kind, entries in local_buckets(step):
             A, B = (torch.stack([e.w[i] for e in entries]) for i in (0, 1))

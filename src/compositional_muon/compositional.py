@@ -91,9 +91,9 @@ class CompositionalMuon(Muon):
     ``min(bucket_bytes, max(4 MiB, 0.4 x the group's CM weight bytes))`` (a pair over it is a bucket
     of its own; None: one bucket per shape), each stacked, computed, checked and written before the
     next (:mod:`~compositional_muon.cm_stream`); the Muon groups use the same cap. The result does
-    not depend on the buckets. Guarantee: gradients with NaN/inf, or a singular partner Gram (only
-    possible with ``lam=0``: such groups get a partner-root pre-pass over all buckets first), raise
-    :class:`NonFiniteError` with nothing written; a bucket that is non-finite for another reason
+    not depend on the buckets. Guarantee: gradients with NaN/inf, or a singular partner Gram (possible
+    with ``lam=0`` or a tiny ``lam``: groups with ``lam < 1e-4`` get a partner-root pre-pass over
+    all buckets first), raise :class:`NonFiniteError` with nothing written; a bucket that is non-finite for another reason
     (an overflow from an absurd ``lr``) raises after the earlier buckets were written, and says so.
     DTensor CM groups compute their whole plan before writing anything.
 
@@ -311,7 +311,7 @@ class CompositionalMuon(Muon):
         loss, proceed = self._begin_step(closure)
         if not proceed:
             return loss
-        # CM first, in byte-capped buckets (cm_stream.py: the lam=0 pre-pass, then each bucket
+        # CM first, in byte-capped buckets (cm_stream.py: the small-lam pre-pass, then each bucket
         # checked before it is written), so a failure leaves the Muon/AdamW groups untouched.
         self.last_stats = cm_stream.step_groups(self, [g for g in self.param_groups if g["kind"] == "cm"])
         self._step_groups([g for g in self.param_groups if g["kind"] != "cm"])
