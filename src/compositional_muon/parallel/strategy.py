@@ -242,7 +242,7 @@ class ReplicatedWorkSharing(Strategy):
         for kind, entries in local_buckets(step):
             work = [stack_bucket(step, kind, entries)]
             self._spread_pair_updates(work, step.eta)
-            yield [work[0][0]]
+            yield [work.pop()[0]]  # nothing of this bucket stays referenced here while the next is stacked
 
     def _spread_pair_updates(self, work: list[LocalWork], eta: float) -> None:
         """Fill ``dA``/``dB`` of every batch, each rank computing ``pair_update`` for a share of the
