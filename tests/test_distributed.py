@@ -140,6 +140,10 @@ def build_opt(name, model, distributed="auto"):
         return CompositionalMuon.from_model(
             model, lr=0.02, muon_lr=0.02, adamw_lr=1e-2, msign_dtype=F32, weight_decay=0.01, **kw
         )
+    if name == "cm_buckets":  # every CM pair its own streamed bucket (DDP: one all_gather per bucket)
+        return CompositionalMuon.from_model(
+            model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, weight_decay=0.01, bucket_bytes=1, **kw
+        )
     if name == "cm_iso":
         return CompositionalMuon.from_model(
             model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, isotropic=True, hybrid=False, nesterov=True, **kw
@@ -384,7 +388,7 @@ def world2():
         2,
         [
             ("equiv_gqa", "sc_equivalence", (ALL_OPTS, ("ddp", "fsdp2"), GQA)),
-            ("equiv_extra", "sc_equivalence", (("cm_renorm",), ("ddp", "fsdp2"), GQA)),
+            ("equiv_extra", "sc_equivalence", (("cm_renorm", "cm_buckets"), ("ddp", "fsdp2"), GQA)),
             ("optout", "sc_optout", (GQA,)),
             ("qk_comm", "sc_qk_comm", (GQA,)),
             ("layouts", "sc_layouts", ()),
@@ -427,6 +431,16 @@ def test_per_mat_renorm_matches_single_process(world2, mode):
     assert r["rel"] < TOL, r
     if mode == "fsdp2":
         assert r["bytes"].get("cm.qk.renorm", 0) > 0 and "cm.qk.gram" not in r["bytes"], r["bytes"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_streamed_cm_buckets_match_single_process(world2, mode):
+    """bucket_bytes=1: under DDP every CM pair is a bucket of its own, spread and all-gathered on
+    its own; FSDP2 computes its plan whole. Both equal the single-process bucketed run."""
+    r = _result(world2, "equiv_extra")[f"{mode}/cm_buckets"]
+    assert r["rel"] < TOL, r
+    if mode == "ddp":
+        assert r["bytes"].get("cm.spread", 0) > 0, r
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "ddp"])
