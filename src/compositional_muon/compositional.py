@@ -245,27 +245,15 @@ class CompositionalMuon(Muon):
         group.setdefault("skipped_steps", 0)
         validation.check_new_group(self, group)  # the ranges table (validation.py)
         _cfg(group)  # validates the variant switches
-        if not 0 <= group["momentum"] < 1:
-            raise ValueError(f"CM momentum must be in [0, 1), got {group['momentum']!r}")
-        if group["transform"] == "newton":
-            raise ValueError(_NEWTON_REFUSAL)
-        if group["transform"] not in TRANSFORMS:
-            raise ValueError(f"unknown CM transform {group['transform']!r}; expected one of {TRANSFORMS}")
-        if group["transform"] == "normuon":
-            if group["method"] != "half_split":
-                raise ValueError(
-                    "transform='normuon' needs method='half_split': the joint rule's msign units span "
-                    "all G+1 factors of a group, so the per-unit norm restore is not per weight"
-                )
-            if not 0 <= group["transform_beta2"] < 1 or not group["transform_eps"] >= 0:
-                raise ValueError(
-                    f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
-                    f"{group['transform_beta2']!r}, {group['transform_eps']!r}"
-                )
+        # (momentum, transform and its beta2/eps are checked by the ranges table)
+        if group["transform"] == "normuon" and group["method"] != "half_split":
+            raise ValueError(
+                "transform='normuon' needs method='half_split': the joint rule's msign units span "
+                "all G+1 factors of a group, so the per-unit norm restore is not per weight"
+            )
         check_rms_match(group)  # (the name of adjust_lr_fn is checked by the ranges table)
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
-        self._validate_base(group)
         self._register_group(group)
         self._check_pairs(group)
 

@@ -358,19 +358,6 @@ class NewtonMuon(MsignOptimizer):
             acc[1] += 1
 
     # -- step -----------------------------------------------------------------------------------
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group["use_muon"]:
-            k = group["refresh_interval"]
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"refresh_interval must be an int >= 1, got {k!r}")
-            if not 0 <= group["precond_beta"] < 1:
-                raise ValueError(f"precond_beta must be in [0, 1), got {group['precond_beta']!r}")
-            if group["ridge"] < 0 or group["precond_eps"] < 0:
-                raise ValueError("ridge and precond_eps must be >= 0")
-            if not group["precond_init"] > 0:
-                raise ValueError(f"precond_init must be > 0, got {group['precond_init']!r}")
-
     def _before_step(self) -> None:
         self._warn_unhooked()
         if self.parallel.active(list(self._sources)):
