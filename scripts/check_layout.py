@@ -24,7 +24,6 @@ MAX_FUNCTION_LINES = 60
 EXCEPTIONS: dict[str, str] = {
     "attention.py": "attention discovery (fused/separate/Conv1D layouts, HF configs, head-count checks) in one place; 432 lines",
     "variants/newton_muon.py": "NewtonMuon with its input-Gram hooks; splitting the hooks out is left to the variants' owner",
-    "compositional.py": "CompositionalMuon (main: 400 lines) + issue 12's adjust_lr_fn/mark_layouts hooks; 408 lines",
     "compositional.py:CompositionalMuon.from_model": "24 keyword-only options in the signature (each documented); the body is ~35 lines",
     "training/data.py": "datasets and loaders (training side of issue 11)",
     "training/recipes.py:build_optimizer": "one branch per optimizer name of the CLI (training side)",

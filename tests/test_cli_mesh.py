@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -30,8 +31,9 @@ def test_mesh_spec_checks_and_data_slices():
         MeshSpec(4, tp=3).check()
     with pytest.raises(ValueError, match="--hsdp 4 .* smaller"):
         MeshSpec(4, hsdp=4).check()
-    with pytest.raises(ValueError, match="not supported"):
-        MeshSpec(8, tp=2, hsdp=2).check()
+    MeshSpec(8, tp=2, hsdp=2).check()  # 3-D: 2 replicas x 2 shards x 2 tp
+    with pytest.raises(ValueError, match="--hsdp 2 .* data-parallel ranks 2"):
+        MeshSpec(4, tp=2, hsdp=2).check()
 
 
 def test_tp_plan_of_the_gpt_block():
@@ -73,3 +75,63 @@ def test_torchrun_tp_then_resume_under_fsdp2_matches_single_process(tmp_path, mo
     assert [r["step"] for r in b] == list(range(1, 5))
     for ra, rb in zip(a, b):
         assert rb["train_loss"] == pytest.approx(ra["train_loss"], rel=1e-4)
+
+
+def _dcp_state(path):
+    """Every tensor of a DCP checkpoint folder (model and optimizer), read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    flat = os.path.join(os.path.dirname(path), os.path.basename(path) + ".pt")
+    dcp_to_torch_save(path, flat)
+    import torch
+
+    out = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, torch.Tensor):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+
+    walk("", torch.load(flat, weights_only=False))
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_resumes_at_another_world_size(tmp_path, monkeypatch):
+    """``--dist ddp`` on 2 processes stopped after 2 steps, resumed on 1 process and on 4
+    (DDP keeps the full replicated state; the global batch is split over the ranks): the losses
+    and the final model and optimizer state equal the uninterrupted 2-process run."""
+    monkeypatch.setenv("COMPOSITIONAL_MUON_MSIGN_DTYPE", "float32")
+    common = TINY + ["--steps", "4", "--ckpt-interval", "0", "--device", "cpu", "--threads", "1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(n, out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
+        cmd += ["-m", "compositional_muon.train", "--dist", "ddp", *common, "--out", out, *extra]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+    ref = str(tmp_path / "ref")
+    torchrun(2, ref)
+    stopped = str(tmp_path / "stopped")
+    torchrun(2, stopped, "--stop-after", "2")
+    want_losses = [r["train_loss"] for r in _losses(ref)]
+    want = _dcp_state(os.path.join(ref, "last_dcp"))
+    assert any(".momentum_buffer" in k for k in want), sorted(want)[:10]
+    for n in (1, 4):
+        out = str(tmp_path / f"resumed{n}")
+        shutil.copytree(stopped, out)
+        torchrun(n, out, "--resume", "auto")
+        got_losses = _losses(out)
+        assert [r["step"] for r in got_losses] == list(range(1, 5)), n
+        assert [r["train_loss"] for r in got_losses] == pytest.approx(want_losses, rel=1e-5), n
+        got = _dcp_state(os.path.join(out, "last_dcp"))
+        assert sorted(got) == sorted(want), n
+        for k, v in want.items():
+            if v.is_floating_point():
+                err = (got[k].double() - v.double()).norm() / max(v.double().norm().item(), 1e-30)
+                assert err < 1e-5, (n, k, float(err))
+            else:
+                assert got[k].equal(v), (n, k)

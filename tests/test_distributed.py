@@ -7,17 +7,13 @@ process group each, to pay the start-up once); each test asserts on its scenario
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -25,6 +21,8 @@ from compositional_muon import AdaMuon, CompositionalMuon, Mano, Muon, MuonWithA
 from compositional_muon import distributed as D
 from compositional_muon.msign import msign
 from compositional_muon.training import dist as TD
+from dist_harness import result as _result
+from dist_harness import run_world
 
 F32 = torch.float32
 STEPS = 3
@@ -141,6 +139,10 @@ def build_opt(name, model, distributed="auto"):
     if name == "cm":
         return CompositionalMuon.from_model(
             model, lr=0.02, muon_lr=0.02, adamw_lr=1e-2, msign_dtype=F32, weight_decay=0.01, **kw
+        )
+    if name == "cm_buckets":  # every CM pair its own streamed bucket (DDP: one all_gather per bucket)
+        return CompositionalMuon.from_model(
+            model, lr=0.02, adamw_lr=1e-2, msign_dtype=F32, weight_decay=0.01, bucket_bytes=1, **kw
         )
     if name == "cm_iso":
         return CompositionalMuon.from_model(
@@ -375,43 +377,8 @@ def sc_layouts(rank, world):
     return out
 
 
-def _worker(rank, world, init_file, jobs, outdir):
-    torch.set_num_threads(1)
-    import datetime
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    results = {}
-    try:
-        for key, fn, args in jobs:
-            t0 = time.time()
-            try:
-                res = globals()[fn](rank, world, *args)
-                results[key] = dict(ok=True, result=res)
-            except Exception:  # recorded; the test asserting on it fails with the traceback
-                results[key] = dict(ok=False, error=traceback.format_exc())
-            results[key]["seconds"] = time.time() - t0
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()
-
-
 def _run_world(world, jobs):
-    outdir = tempfile.mkdtemp(prefix=f"cm-dist{world}-")
-    t0 = time.time()
-    # A forkserver (a fresh process, so fork-safe) imports torch and this module once; the ranks
-    # are forked from it, which saves a torch import per rank.
-    mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "compositional_muon", __name__])
-    mp.start_processes(
-        _worker, args=(world, os.path.join(outdir, "store"), jobs, outdir), nprocs=world, start_method="forkserver"
-    )
-    with open(os.path.join(outdir, "rank0.json")) as f:
-        res = json.load(f)
-    res["_seconds"] = time.time() - t0
-    return res
+    return run_world(world, jobs, __name__, prefix="cm-dist")
 
 
 @pytest.fixture(scope="module")
@@ -421,7 +388,7 @@ def world2():
         2,
         [
             ("equiv_gqa", "sc_equivalence", (ALL_OPTS, ("ddp", "fsdp2"), GQA)),
-            ("equiv_extra", "sc_equivalence", (("cm_renorm",), ("ddp", "fsdp2"), GQA)),
+            ("equiv_extra", "sc_equivalence", (("cm_renorm", "cm_buckets"), ("ddp", "fsdp2"), GQA)),
             ("optout", "sc_optout", (GQA,)),
             ("qk_comm", "sc_qk_comm", (GQA,)),
             ("layouts", "sc_layouts", ()),
@@ -441,12 +408,6 @@ def world4():
             ("fallback", "sc_fallback", ()),
         ],
     )
-
-
-def _result(res, key):
-    r = res[key]
-    assert r["ok"], r["error"]
-    return r["result"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -470,6 +431,16 @@ def test_per_mat_renorm_matches_single_process(world2, mode):
     assert r["rel"] < TOL, r
     if mode == "fsdp2":
         assert r["bytes"].get("cm.qk.renorm", 0) > 0 and "cm.qk.gram" not in r["bytes"], r["bytes"]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_streamed_cm_buckets_match_single_process(world2, mode):
+    """bucket_bytes=1: under DDP every CM pair is a bucket of its own, spread and all-gathered on
+    its own; FSDP2 computes its plan whole. Both equal the single-process bucketed run."""
+    r = _result(world2, "equiv_extra")[f"{mode}/cm_buckets"]
+    assert r["rel"] < TOL, r
+    if mode == "ddp":
+        assert r["bytes"].get("cm.spread", 0) > 0, r
 
 
 @pytest.mark.parametrize("mode", ["fsdp2", "ddp"])

@@ -8,19 +8,14 @@ a path difference.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-import traceback
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from compositional_muon import CompositionalMuon, Muon, PerHeadMuon
 from compositional_muon.training import dist as TD
 from compositional_muon.training.models import build_model
+from dist_harness import result as _result
+from dist_harness import run_world
 from test_distributed import GQA, MHA, batches, full_params, make_model, rel_errors, train
 
 F32 = torch.float32
@@ -107,42 +102,10 @@ def sc_moe(rank, world):
     return out
 
 
-def _worker(rank, world, init_file, jobs, outdir):
-    torch.set_num_threads(1)
-    import datetime
-
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    results = {}
-    try:
-        for key, fn in jobs:
-            try:
-                results[key] = dict(ok=True, result=globals()[fn](rank, world))
-            except Exception:
-                results[key] = dict(ok=False, error=traceback.format_exc())
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def world2():
-    outdir = tempfile.mkdtemp(prefix="cm-perhead2-")
-    mp.set_forkserver_preload(["torch", "torch.distributed", "compositional_muon", __name__])
-    jobs = [("per_head", "sc_per_head"), ("moe", "sc_moe")]
-    mp.start_processes(
-        _worker, args=(2, os.path.join(outdir, "store"), jobs, outdir), nprocs=2, start_method="forkserver"
-    )
-    with open(os.path.join(outdir, "rank0.json")) as f:
-        return json.load(f)
-
-
-def _result(res, key):
-    assert res[key]["ok"], res[key]["error"]
-    return res[key]["result"]
+    jobs = [("per_head", "sc_per_head", ()), ("moe", "sc_moe", ())]
+    return run_world(2, jobs, __name__, prefix="cm-perhead")
 
 
 def test_per_head_muon_ddp_and_fsdp2_equal_one_process(world2):

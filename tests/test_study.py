@@ -8,9 +8,9 @@ import torch
 
 from compositional_muon import CompositionalMuon
 from compositional_muon.experiments import main, train
-from compositional_muon.training.experiments.study import Results
+from compositional_muon.training.experiments.study import Results, preflight
 from compositional_muon.training.experiments.study_config import load_study, parse_study
-from compositional_muon.training.experiments.study_report import to_target
+from compositional_muon.training.experiments.study_report import render, to_target
 from compositional_muon.training.models import build_model
 from compositional_muon.training.stats import paired_difference
 
@@ -118,11 +118,29 @@ def test_errors_are_one_line(tmp_path, capsys):
         parse_study(dict(TINY, eval_windows=3))
 
 
+def test_report_turns_steps_to_target_into_wall_clock_with_bench_ratios(study):
+    tmp, res, cfg = study
+    results = Results(str(res), cfg)
+    (tmp / "res" / "tiny_step_time.json").write_text(json.dumps({"median_s": {"muon": 0.1, "per-head": 0.05}}))
+    md = render(cfg, results)
+    steps = [v["steps"] for v in to_target(results, "h", "per-head", "muon").values()]
+    tail = md.split("### h:")[1].split("To reach muon's final loss")[1]
+    row = next(line for line in tail.splitlines() if line.startswith("| per-head | "))
+    assert "| 0.500 |" in row  # the bench's ratio, then steps x ratio
+    got = [s * 0.5 for s in steps if s is not None]
+    if got:
+        assert f"{sum(got) / len(got):.2f}" in row.split("| 0.500 |")[1]
+    else:
+        assert "not reached" in row.split("| 0.500 |")[1]
+
+
 def test_shipped_study_configs_parse():
-    for name in ("study_small", "study_wide"):
+    for name in ("study_small", "study_wide", "study_large", "study_seed003_loopformer", "study_seed003_mor"):
         cfg = load_study(name)
         assert cfg.threads == 1 and cfg.cells
-        assert cfg.optimizers["per-head"].options == PER_HEAD
+        if "per-head" in cfg.optimizers:
+            assert cfg.optimizers["per-head"].options == PER_HEAD
+        preflight(cfg)  # every run's argv parses
 
 
 def _msign(a):

@@ -8,22 +8,30 @@ One spawned job per world size (2 ranks: TP; 4 ranks: HSDP, FSDP x TP), as in te
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
-import time
-import traceback
 import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from compositional_muon import AdaMuon, CompositionalMuon, Mano, Muon, MuonWithAuxAdam, NewtonMuon, NorMuon
+from compositional_muon import (
+    AdaMuon,
+    CompositionalMuon,
+    Mano,
+    Muon,
+    MuonWithAuxAdam,
+    NewtonMuon,
+    NorMuon,
+    PerHeadMuon,
+)
 from compositional_muon import distributed as D
+from compositional_muon.attention import DEFAULT_ADAMW_PATTERNS
+from dist_harness import result as _result
+from dist_harness import run_world
 
 F32 = torch.float32
 STEPS = 3
@@ -92,7 +100,8 @@ def tp_plan() -> dict:
 
 def build_model(cfg, setting, seed=0):
     """``setting``: ``"single"``, ``"tp"`` (1-D mesh of all ranks), ``"fsdp"`` (1-D), ``"hsdp"`` (2 x W/2
-    replicate x shard) or ``"fsdp_tp"`` (2 x W/2 dp x tp). Returns ``(model, dp_rank, dp_world)``."""
+    replicate x shard), ``"fsdp_tp"`` (2 x W/2 dp x tp) or ``"hsdp_tp"`` / ``"hsdp_tp_122"`` (3-D
+    replicate x shard x tp, 2 x 1 x W/2 / 1 x 2 x W/2). Returns ``(model, dp_rank, dp_world)``."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor.parallel import parallelize_module
@@ -113,6 +122,20 @@ def build_model(cfg, setting, seed=0):
             fully_shard(b, mesh=mesh)
         fully_shard(model, mesh=mesh)
         return model, rank, world
+    if setting == "cli_3d":  # the CLI's --dist fsdp2 --tp 2 --hsdp 1 (training.dist.wrap_model): 2 x 1 x 2
+        from compositional_muon.training import dist as TD
+
+        model = TD.wrap_model(model, "fsdp2", tp=2, hsdp=1)
+        spec = TD.MeshSpec(world, tp=2, hsdp=1)
+        return model, spec.dp_rank(rank), spec.dp_world
+    if setting.startswith("hsdp_tp"):  # 3-D (replicate, shard, tp): "hsdp_tp" 2 x 1 x 2, "hsdp_tp_122" 1 x 2 x 2
+        shape = (1, 2, world // 2) if setting.endswith("122") else (2, 1, world // 2)
+        mesh3 = init_device_mesh("cpu", shape, mesh_dim_names=("rep", "shard", "tp"))
+        for b in model.blocks:
+            parallelize_module(b, mesh3["tp"], tp_plan())
+            fully_shard(b, mesh=mesh3["rep", "shard"])
+        fully_shard(model, mesh=mesh3["rep", "shard"])
+        return model, mesh3["rep", "shard"]._flatten().get_local_rank(), shape[0] * shape[1]
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     if setting == "hsdp":
         for b in model.blocks:
@@ -157,14 +180,20 @@ def build_opt(name, model, distributed="auto"):
         return AdaMuon(matrix_groups(model), lr=0.01, msign_dtype=F32, **kw)
     if name == "mano":
         return Mano(matrix_groups(model), lr=0.01, **kw)
+    if name == "per_head":
+        return PerHeadMuon.from_model(model, lr=0.02, adamw_lr=1e-2, weight_decay=0.01, msign_dtype=F32, **kw)
+    if name == "per_head_attn":  # attention only (the MLP in AdamW): every byte is the per-head part's
+        pats = DEFAULT_ADAMW_PATTERNS + ("*.fc.*", "*.down.*")
+        return PerHeadMuon.from_model(model, lr=0.02, adamw_lr=1e-2, adamw_patterns=pats, msign_dtype=F32, **kw)
     if name == "newton":
-        opt = NewtonMuon(matrix_groups(model), lr=0.02, msign_dtype=F32, refresh_interval=2, **kw)
+        # refresh on the 3rd update: the counted (last) step gathers and averages the input Grams
+        opt = NewtonMuon(matrix_groups(model), lr=0.02, msign_dtype=F32, refresh_interval=3, **kw)
         opt.register(model, warn=False)
         return opt
     raise KeyError(name)
 
 
-OPTS = ("muon", "muon_aux", "cm", "cm_iso", "cm_nohybrid", "normuon", "adamuon", "mano")
+OPTS = ("muon", "muon_aux", "cm", "cm_iso", "cm_nohybrid", "normuon", "adamuon", "mano", "per_head", "per_head_attn")
 
 
 def batches(V, n, B=4, T=6, seed=1):
@@ -283,16 +312,6 @@ def sc_unsupported(rank, world):
     from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
 
     out = {}
-    model, _, _ = build_model(GQA, "tp")
-    x, _ = batches(32, 1)[0]
-    before = full_params(model)
-    try:
-        build_opt("newton", model)
-        out["newton_tp"] = None
-    except Exception as e:  # noqa: BLE001
-        out["newton_tp"] = f"{type(e).__name__}: {e}"
-    model(x)  # no hook left behind
-    out["newton_untouched"] = all(torch.equal(before[n], p) for n, p in full_params(model).items())
     mesh = init_device_mesh("cpu", (world,))
     mesh3 = init_device_mesh("cpu", (world, 1, 1))
     for key, w in (
@@ -401,46 +420,23 @@ def sc_tp_cm_comm(rank, world):
     )
 
 
-def _worker(rank, world, init_file, jobs, outdir):
-    torch.set_num_threads(1)
-    import datetime
+def sc_tp_per_head_comm(rank, world):
+    """Every collective (c10d and DTensor dispatch, seen by CommDebugMode) of a PerHeadMuon step on
+    attention only under TP (heads aligned): only the 4-byte NaN/inf agreement."""
+    from torch.distributed.tensor.debug import CommDebugMode
 
-    dist.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
-    )
-    results = {}
-    try:
-        for key, fn, args in jobs:
-            t0 = time.time()
-            try:
-                results[key] = dict(ok=True, result=globals()[fn](rank, world, *args))
-            except Exception:  # recorded; the test asserting on it fails with the traceback
-                results[key] = dict(ok=False, error=traceback.format_exc())
-            results[key]["seconds"] = time.time() - t0
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f, default=str)
-        dist.destroy_process_group()
+    model, _, _ = build_model(GQA, "tp")
+    opt = build_opt("per_head_attn", model)
+    x, y = batches(32, 1)[0]
+    F.cross_entropy(model(x).reshape(-1, 32), y.reshape(-1)).backward()
+    counter, mode = D.CommCounter(), CommDebugMode()
+    with counter, mode:
+        opt.step()
+    return dict(tags=counter.by_tag(), all_collectives=mode.get_total_counts())
 
 
 def _run_world(world, jobs):
-    outdir = tempfile.mkdtemp(prefix=f"cm-tp{world}-")
-    t0 = time.time()
-    mp.set_forkserver_preload(["torch", "torch.distributed", "torch.distributed.fsdp", "compositional_muon", __name__])
-    mp.start_processes(
-        _worker, args=(world, os.path.join(outdir, "store"), jobs, outdir), nprocs=world, start_method="forkserver"
-    )
-    with open(os.path.join(outdir, "rank0.json")) as f:
-        res = json.load(f)
-    res["_seconds"] = time.time() - t0
-    return res
-
-
-def _result(res, key):
-    r = res[key]
-    assert r["ok"], r["error"]
-    return r["result"]
+    return run_world(world, jobs, __name__, prefix="cm-tp")
 
 
 @pytest.fixture(scope="module")
@@ -449,6 +445,7 @@ def ckpt_dir():
 
 
 CKPT_OPTS = ("cm", "muon", "normuon")
+MESH3_OPTS = ("muon", "cm", "per_head", "newton")
 
 
 @pytest.fixture(scope="module")
@@ -456,11 +453,12 @@ def world2(ckpt_dir):
     return _run_world(
         2,
         [
-            ("tp_gqa", "sc_equivalence", ("tp", OPTS + ("cm_renorm",), GQA)),
+            ("tp_gqa", "sc_equivalence", ("tp", OPTS + ("cm_renorm", "newton"), GQA)),
             ("ckpt_save", "sc_ckpt_save", (ckpt_dir, CKPT_OPTS)),
             ("unsupported", "sc_unsupported", ()),
             ("ep", "sc_expert_parallel", (("muon",),)),
             ("tp_cm_comm", "sc_tp_cm_comm", ()),
+            ("tp_per_head_comm", "sc_tp_per_head_comm", ()),
         ],
     )
 
@@ -472,8 +470,11 @@ def world4(world2, ckpt_dir):
         4,
         [
             ("hsdp", "sc_equivalence", ("hsdp", OPTS + ("newton",), MHA)),
-            ("fsdp_tp", "sc_equivalence", ("fsdp_tp", OPTS + ("cm_renorm",), MHA)),
-            ("fsdp_tp_split", "sc_equivalence", ("fsdp_tp", ("cm",), SPLIT)),
+            ("fsdp_tp", "sc_equivalence", ("fsdp_tp", OPTS + ("cm_renorm", "newton"), MHA)),
+            ("hsdp_tp_122", "sc_equivalence", ("hsdp_tp_122", OPTS + ("newton",), MHA)),
+            ("hsdp_tp", "sc_equivalence", ("hsdp_tp", MESH3_OPTS, MHA)),
+            ("cli_3d", "sc_equivalence", ("cli_3d", ("cm", "per_head"), MHA)),
+            ("fsdp_tp_split", "sc_equivalence", ("fsdp_tp", ("cm", "per_head"), SPLIT)),
             ("load_fsdp", "sc_ckpt_load", (ckpt_dir, CKPT_OPTS, "fsdp")),
             ("load_fsdp_tp", "sc_ckpt_load", (ckpt_dir, CKPT_OPTS, "fsdp_tp")),
         ],
@@ -485,7 +486,7 @@ def _check(res: dict, tol=TOL) -> None:
         assert r["rel"] < tol, (name, r)
 
 
-@pytest.mark.parametrize("name", OPTS + ("cm_renorm",))
+@pytest.mark.parametrize("name", OPTS + ("cm_renorm", "newton"))
 def test_tp2_matches_single_process(world2, name):
     r = _result(world2, "tp_gqa")[name]
     assert r["rel"] < TOL, r
@@ -504,17 +505,38 @@ EXPECTED_BYTES = {
     ("tp_gqa", "cm_nohybrid"): {"muon.msign": 4096},
     ("tp_gqa", "cm_iso"): {"muon.msign": 4096},
     ("tp_gqa", "cm_renorm"): {"cm.qk.renorm": 32, "cm.ov.renorm": 32, "cm.ov.hybrid": 1024, "muon.msign": 4096},
+    ("tp_gqa", "per_head"): {"muon.msign": 4096},  # the MLP's Muon; attention: 0
+    ("tp_gqa", "per_head_attn"): {},
+    # NewtonMuon on a refresh step: row-parallel inputs gathered, Grams averaged, G K^-1 of the
+    # column-sharded gradients on the gathered gradient (map_local), then Muon's msign
+    ("tp_gqa", "newton"): {"newton.input": 4608, "newton.gram": 18480, "map_local": 3072, "muon.msign": 7168},
     ("hsdp", "muon"): {"muon.msign": 8192},
     ("hsdp", "mano"): {},
-    ("hsdp", "newton"): {"muon.msign": 8192},
+    ("hsdp", "newton"): {"newton.gram": 18480, "muon.msign": 8192},
     ("hsdp", "cm"): {"cm.ov.gram": 1024, "cm.ov.hybrid": 1024, "muon.msign": 4096},
     ("hsdp", "cm_nohybrid"): {"cm.ov.gram": 1024, "cm.ov.msign": 512, "muon.msign": 4096},
     ("hsdp", "cm_iso"): {"cm.ov.gram": 64, "cm.ov.msign": 512, "muon.msign": 4096},
+    ("hsdp", "per_head"): {"per_head.gram": 512, "muon.msign": 4096},
+    ("hsdp", "per_head_attn"): {"per_head.gram": 512},
     ("fsdp_tp", "muon"): {"muon.msign": 6144},
     ("fsdp_tp", "mano"): {},
     ("fsdp_tp", "cm"): {"cm.ov.gram": 1024, "cm.ov.hybrid": 1024, "muon.msign": 3072},
     ("fsdp_tp", "cm_nohybrid"): {"cm.ov.gram": 1024, "cm.ov.msign": 256, "muon.msign": 3072},
     ("fsdp_tp", "cm_iso"): {"cm.ov.gram": 64, "cm.ov.msign": 256, "muon.msign": 3072},
+    ("fsdp_tp", "per_head"): {"per_head.gram": 256, "muon.msign": 3072},
+    ("fsdp_tp", "per_head_attn"): {"per_head.gram": 256},
+    ("fsdp_tp", "newton"): {"newton.input": 2304, "newton.gram": 18480, "map_local": 1536, "muon.msign": 6144},
+    # 3-D replicate x shard x tp, 1 x 2 x 2: as FSDP x TP
+    ("hsdp_tp_122", "muon"): {"muon.msign": 6144},
+    ("hsdp_tp_122", "cm"): {"cm.ov.gram": 1024, "cm.ov.hybrid": 1024, "muon.msign": 3072},
+    ("hsdp_tp_122", "per_head"): {"per_head.gram": 256, "muon.msign": 3072},
+    ("hsdp_tp_122", "newton"): {"newton.input": 2304, "newton.gram": 18480, "map_local": 1536, "muon.msign": 6144},
+    ("hsdp_tp_122", "mano"): {},
+    # 2 x 1 x 2: as TP (2) inside each replica group
+    ("hsdp_tp", "muon"): {"muon.msign": 8192},
+    ("hsdp_tp", "cm"): {"cm.ov.hybrid": 1024, "muon.msign": 4096},
+    ("hsdp_tp", "per_head"): {"muon.msign": 4096},
+    ("hsdp_tp", "newton"): {"newton.input": 2304, "newton.gram": 18480, "map_local": 3072, "muon.msign": 8192},
 }
 
 
@@ -546,7 +568,7 @@ def test_hsdp_matches_single_process(world4, name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", OPTS + ("cm_renorm",))
+@pytest.mark.parametrize("name", OPTS + ("cm_renorm", "newton"))
 def test_fsdp_x_tp_matches_single_process(world4, name):
     r = _result(world4, "fsdp_tp")[name]
     assert r["rel"] < TOL, r
@@ -567,6 +589,37 @@ def test_fsdp_x_tp_heads_straddling_shards_fall_back_exactly(world4):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    "key,name", [("hsdp_tp_122", n) for n in OPTS + ("newton",)] + [("hsdp_tp", n) for n in MESH3_OPTS]
+)
+def test_hsdp_x_tp_3d_mesh_matches_single_process(world4, key, name):
+    """3-D replicate x shard x tp meshes (4 ranks: 1 x 2 x 2 and 2 x 1 x 2): the shard x tp dims
+    are flattened into one process group; every optimizer equals the single process."""
+    r = _result(world4, key)[name]
+    assert r["rel"] < TOL and not r["warnings"], r
+    assert r["placements"]["blocks.0.attn.o_proj.weight"] == ["R", "S(0)", "S(1)"], r["placements"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cm", "per_head"])
+def test_cli_wrap_model_builds_the_3d_mesh(world4, name):
+    """``wrap_model(model, "fsdp2", tp=2, hsdp=1)`` (the CLI's ``--tp 2 --hsdp 1`` on 4 ranks) gives
+    the replicate x shard x tp placements, and the optimizers equal the single process on it."""
+    r = _result(world4, "cli_3d")[name]
+    assert r["rel"] < TOL and not r["warnings"], r
+    assert r["placements"]["blocks.0.attn.q_proj.weight"] == ["R", "_S(0, 2)", "S(0)"], r["placements"]
+
+
+@pytest.mark.slow
+def test_per_head_heads_straddling_shards_gather_exactly(world4):
+    """FSDP x TP with a head across two row chunks: q/k/v take the gather fallback (exact), W_o's
+    whole-head columns still take the d x d Gram route."""
+    r = _result(world4, "fsdp_tp_split")["per_head"]
+    assert r["rel"] < TOL, r
+    assert r["bytes"]["per_head.gather"] > 0 and r["bytes"]["per_head.gram"] > 0, r
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("setting", ["fsdp", "fsdp_tp"])
 def test_checkpoint_reshards_from_2_to_4_ranks(world4, setting):
     """Written by 2-rank FSDP, resumed by 4-rank FSDP and 2 x 2 FSDP x TP: the same optimizer
@@ -581,10 +634,9 @@ def test_checkpoint_reshards_from_2_to_4_ranks(world4, setting):
 
 def test_unsupported_layouts_raise_before_any_step(world2):
     r = _result(world2, "unsupported")
-    assert r["newton_tp"] and "tensor parallel" in r["newton_tp"] and "UnsupportedLayout" in r["newton_tp"], r
-    assert r["newton_untouched"], r
     assert r["partial"] and "UnsupportedLayout" in r["partial"] and "Partial placement" in r["partial"], r
     assert r["mesh3"] and "UnsupportedLayout" in r["mesh3"] and "2 of the 3 dims" in r["mesh3"], r
+    assert "without dim names" in r["mesh3"] and "replicate x shard x tp" in r["mesh3"], r
 
 
 def test_timing_budget(world2, world4):
@@ -597,6 +649,17 @@ def test_expert_parallel_updates_each_expert_locally(world2):
     assert r["rel"] < TOL, r
     assert r["placements"]["moe.up"] == ["S(0)"], r["placements"]
     assert "muon.msign" not in r["bytes"], r["bytes"]  # whole experts on every rank: nothing to move
+
+
+def test_tp2_per_head_attention_is_local(world2):
+    """PerHeadMuon under TP with heads aligned (q/k/v whole rows, o whole columns per rank): the
+    attention step issues no collective but the NaN/inf agreement, and the whole model's only
+    optimizer traffic is the MLP's Muon."""
+    r = _result(world2, "tp_per_head_comm")
+    assert r["tags"] == {"finite": 4} and r["all_collectives"] == 1, r
+    res = _result(world2, "tp_gqa")
+    assert {t: b for t, b in res["per_head_attn"]["bytes"].items() if t != "finite"} == {}, res["per_head_attn"]
+    assert not any(t.startswith("per_head") for t in res["per_head"]["bytes"]), res["per_head"]
 
 
 def test_tp2_cm_plan_issues_no_collective_but_the_finite_agreement(world2):

@@ -13,6 +13,10 @@ large scale; the fraction keeps it near 0.4x the weights at small scale, where a
 batch already keep the GEMMs busy. A matrix whose own estimate exceeds the limit is a bucket of
 its own (the step cannot split a matrix). ``bucket_bytes=None`` puts the whole group in one bucket.
 The math is per matrix, so bucketed and unbucketed steps compute the same update.
+
+CompositionalMuon's CM groups use the same rule and default (a group option ``bucket_bytes``, the
+optimizer's by default) over factor pairs, with :func:`pair_work_bytes` as the estimate; its
+buckets are streamed (:mod:`compositional_muon.cm_stream`).
 """
 
 from __future__ import annotations
@@ -27,6 +31,9 @@ __all__ = [
     "MIN_BUCKET_BYTES",
     "SMALL_SCALE_FRACTION",
     "check_bucket_bytes",
+    "group_limit",
+    "pack",
+    "pair_work_bytes",
     "plan",
     "work_bytes",
 ]
@@ -66,22 +73,49 @@ def work_bytes(p: torch.Tensor, work_dtype: torch.dtype | None) -> int:
     return m * n * (3 * it + 3 * wt) + 2 * s * s * wt
 
 
+def pair_work_bytes(numel: int, dtype: torch.dtype, work_dtype: torch.dtype | None) -> int:
+    """Estimated peak working memory of a CM factor pair's ``numel`` elements (its ``A`` and ``B``
+    head views, parameter ``dtype``) in a batched CM step: five pair-sized tensors in ``dtype``
+    (the stacked weights, gradients or momenta, new momenta, Nesterov direction, update), three in
+    float32 at least (the whitened momenta, their concatenation, the msign output) and two in the
+    msign's ``work_dtype`` (its working copy and iterate). About 1.15-1.6x the peaks measured per
+    pair on CPU (5.5-7.9x the pair's fp32 bytes, ``tests/test_cm_buckets.py``); the ``d x d``
+    partner roots are negligible next to it."""
+    it, wt = _elem(dtype), _elem(work_dtype or dtype)
+    return numel * (5 * it + 3 * max(4, it) + 2 * wt)
+
+
+def group_limit(total_bytes: int, bucket_bytes: int | None) -> int | None:
+    """The bucket limit of a group whose updated weights take ``total_bytes``:
+    ``min(bucket_bytes, max(MIN_BUCKET_BYTES, SMALL_SCALE_FRACTION * total_bytes))`` (None: no limit)."""
+    if bucket_bytes is None:
+        return None
+    return min(bucket_bytes, max(MIN_BUCKET_BYTES, int(SMALL_SCALE_FRACTION * total_bytes)))
+
+
+def pack(costs: list[int], limit: int | None) -> list[list[int]]:
+    """Indices ``0..len(costs)-1`` cut, in order, into consecutive runs whose summed cost stays
+    under ``limit``; an item over the limit is a run of its own (None: one run)."""
+    if limit is None:
+        return [list(range(len(costs)))] if costs else []
+    out: list[list[int]] = []
+    used = 0
+    for i, cost in enumerate(costs):
+        if out and used + cost <= limit:
+            out[-1].append(i)
+            used += cost
+        else:
+            out.append([i])
+            used = cost
+    return out
+
+
 def plan(params: list, bucket_bytes: int | None, work_dtype: torch.dtype | None = None) -> list[list]:
     """Split ``params`` into buckets (lists of params): same shapes and dtypes kept adjacent (so
     they still share batched calls), each bucket's summed :func:`work_bytes` under the limit."""
     if bucket_bytes is None or len(params) <= 1:
         return [list(params)] if params else []
-    total = sum(p.numel() * p.element_size() for p in params)
-    limit = min(bucket_bytes, max(MIN_BUCKET_BYTES, int(SMALL_SCALE_FRACTION * total)))
+    limit = group_limit(sum(p.numel() * p.element_size() for p in params), bucket_bytes)
     order = sorted(range(len(params)), key=lambda i: (tuple(params[i].shape), str(params[i].dtype), i))
-    out: list[list] = []
-    used = 0
-    for i in order:
-        cost = work_bytes(params[i], work_dtype)
-        if out and used + cost <= limit:
-            out[-1].append(params[i])
-            used += cost
-        else:
-            out.append([params[i]])
-            used = cost
-    return out
+    runs = pack([work_bytes(params[i], work_dtype) for i in order], limit)
+    return [[params[order[j]] for j in run] for run in runs]

@@ -6,8 +6,8 @@ torch.optim's conventions (state_dict, schedulers, closures, add_param_group).
 
 Param groups carry a ``kind``: ``"cm"`` (with ``cm_pairs``, the head slices of its parameters),
 ``"muon"`` or ``"adamw"``. Groups written for ``MuonWithAuxAdam`` (``use_muon`` flags, no ``kind``)
-work as Muon / AdamW groups. Same-shape pairs of a CM group are stacked and updated by one batched
-kernel call (see ``cm.pair_update``).
+work as Muon / AdamW groups. Same-shape pairs of a CM group are stacked, in byte-capped buckets, and
+updated by one batched kernel call per bucket (see ``cm.pair_update`` and ``cm_stream``).
 """
 
 from __future__ import annotations
@@ -18,17 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import state_check, validation
+from . import cm_stream, state_check, validation
 from .attention import DEFAULT_ADAMW_PATTERNS, AttentionSpec, find_attention, route_parameters
-from .buckets import DEFAULT_BUCKET_BYTES
-from .cm import CMConfig, apply_update, normalize_head_rows
-from .cm.kernel import ZTransform
-from .diagnostics import pair_stats
-from .finite import NonFiniteError, all_finite
+from .buckets import DEFAULT_BUCKET_BYTES, check_bucket_bytes
+from .cm import CMConfig
 from .layouts import mark_layouts
 from .muon import Muon
-from .parallel import CMGroupStep, is_dtensor
-from .plan import HeadRef, PairBatch, PairEntry, PairLayout, check_checkpoint_layout
+from .plan import HeadRef, PairBatch, PairLayout, check_checkpoint_layout
 from .rms_match import check_rms_match, match_group_rms
 
 __all__ = ["CompositionalMuon"]
@@ -88,6 +84,18 @@ class CompositionalMuon(Muon):
     ``distributed`` ("auto", True, False): under DDP the CM layers and Muon matrices are split
     among the ranks and the updates all-gathered; DTensor (FSDP2) parameters take the shard-aware
     path (see :mod:`compositional_muon.distributed` and ``docs/distributed.md``).
+
+    ``bucket_bytes`` (constructor keyword, default 256 MiB, :mod:`~compositional_muon.buckets`;
+    also a CM group option, the constructor's value by default; a positive int or None): the CM
+    step runs over buckets of same-shape pairs whose estimated working memory stays under
+    ``min(bucket_bytes, max(4 MiB, 0.4 x the group's CM weight bytes))`` (a pair over it is a bucket
+    of its own; None: one bucket per shape), each stacked, computed, checked and written before the
+    next (:mod:`~compositional_muon.cm_stream`); the Muon groups use the same cap. The result does
+    not depend on the buckets. Guarantee: gradients with NaN/inf, or a singular partner Gram (possible
+    with ``lam=0`` or a tiny ``lam``: groups with ``lam < 1e-4`` get a partner-root pre-pass over
+    all buckets first), raise :class:`NonFiniteError` with nothing written; a bucket that is non-finite for another reason
+    (an overflow from an absurd ``lr``) raises after the earlier buckets were written, and says so.
+    DTensor CM groups compute their whole plan before writing anything.
 
     A QK/OV pair is stepped whole: a pair where neither weight has a gradient is skipped; a pair
     where exactly one has a gradient raises ``ValueError`` at ``step`` before anything is written
@@ -229,31 +237,23 @@ class CompositionalMuon(Muon):
             raise ValueError("a CM group needs `attention=[AttentionSpec, ...]`")
         for k, v in CM_DEFAULTS.items():
             group.setdefault(k, v)
+        try:  # the byte cap of the streamed buckets (cm_stream.py); the optimizer's by default
+            group["bucket_bytes"] = check_bucket_bytes(group.get("bucket_bytes", self.bucket_bytes))
+        except ValueError as e:
+            raise ValueError(f"a CM group's {e}") from None
         group["kind"], group["use_muon"] = "cm", True
         group.setdefault("skipped_steps", 0)
         validation.check_new_group(self, group)  # the ranges table (validation.py)
         _cfg(group)  # validates the variant switches
-        if not 0 <= group["momentum"] < 1:
-            raise ValueError(f"CM momentum must be in [0, 1), got {group['momentum']!r}")
-        if group["transform"] == "newton":
-            raise ValueError(_NEWTON_REFUSAL)
-        if group["transform"] not in TRANSFORMS:
-            raise ValueError(f"unknown CM transform {group['transform']!r}; expected one of {TRANSFORMS}")
-        if group["transform"] == "normuon":
-            if group["method"] != "half_split":
-                raise ValueError(
-                    "transform='normuon' needs method='half_split': the joint rule's msign units span "
-                    "all G+1 factors of a group, so the per-unit norm restore is not per weight"
-                )
-            if not 0 <= group["transform_beta2"] < 1 or not group["transform_eps"] >= 0:
-                raise ValueError(
-                    f"transform_beta2 must be in [0, 1) and transform_eps >= 0, got "
-                    f"{group['transform_beta2']!r}, {group['transform_eps']!r}"
-                )
+        # (momentum, transform and its beta2/eps are checked by the ranges table)
+        if group["transform"] == "normuon" and group["method"] != "half_split":
+            raise ValueError(
+                "transform='normuon' needs method='half_split': the joint rule's msign units span "
+                "all G+1 factors of a group, so the per-unit norm restore is not per weight"
+            )
         check_rms_match(group)  # (the name of adjust_lr_fn is checked by the ranges table)
         if group["momentum_reproject"] and group["connection"] == "none":
             raise ValueError("momentum_reproject=True needs a connection other than 'none'")
-        self._validate_base(group)
         self._register_group(group)
         self._check_pairs(group)
 
@@ -299,92 +299,16 @@ class CompositionalMuon(Muon):
         loss, proceed = self._begin_step(closure)
         if not proceed:
             return loss
-        # CM updates are computed for every group before anything is written, so a failure
-        # (a singular partner with lam=0) leaves parameters and state untouched.
-        plans = [(g, self._cm_plan(g)) for g in self.param_groups if g["kind"] == "cm"]
-        for g, plan in plans:
-            for batch in plan:
-                # `finite` is set (agreed across ranks) by the sharded strategies
-                if not (batch.finite if batch.finite is not None else all_finite(batch.dA, batch.dB)):
-                    raise NonFiniteError(
-                        validation.nonfinite_cm_update_message(batch.names, (batch.A, batch.B), g["lam"])
-                    )
-        stats: dict = {}
-        for g, plan in plans:
-            self._cm_apply(g, plan, stats)
-        self.last_stats = stats
+        # CM first, in byte-capped buckets (cm_stream.py: the small-lam pre-pass, then each bucket
+        # checked before it is written), so a failure leaves the Muon/AdamW groups untouched.
+        self.last_stats = cm_stream.step_groups(self, [g for g in self.param_groups if g["kind"] == "cm"])
         self._step_groups([g for g in self.param_groups if g["kind"] != "cm"])
         return loss
 
     def _cm_plan(self, group: dict) -> list[PairBatch]:
-        """The group's CM updates (nothing written), computed by the strategy ``self.parallel`` picks."""
-        params = group["params"]
-        for p in params:
-            self._state_buffer(p, "momentum_buffer")
-        normuon = group["transform"] == "normuon"
-        if normuon:
-            if any(is_dtensor(p) for p in params):
-                raise ValueError(
-                    "transform='normuon' is not supported for DTensor (FSDP2) parameters; use transform='none' there"
-                )
-            for p in params:
-                # per head-channel second moments, stored broadcast along the model dim so the
-                # same head views (fused / transposed layouts) address them
-                self._state_buffer(p, "head_moment", dtype=torch.promote_types(p.dtype, torch.float32))
-        step = CMGroupStep(
-            group=group,
-            cfg=_cfg(group),
-            pairs=pair_layouts(group),
-            params=params,
-            state=self.state,
-            transform=self._normuon_transform(group) if normuon else None,
-            warn=self._warn_once,
-        )
-        return match_group_rms(self.parallel.cm_group(step), group)
-
-    @staticmethod
-    def _normuon_transform(group: dict):
-        """The factory of :func:`cm.pair_update`'s ``z_transform`` for ``transform="normuon"``: reads
-        the stacked head-channel moments of a batch's entries and leaves the new ones in ``out``."""
-        beta2, eps = group["transform_beta2"], group["transform_eps"]
-
-        def factory(entries: list[PairEntry], cfg: CMConfig, out: dict) -> ZTransform:
-            va = torch.stack([e.v[0][..., :1] for e in entries if e.v is not None])  # (L, H, d, 1)
-            vb = torch.stack([e.v[1][..., :1] for e in entries if e.v is not None])  # (L, Hkv, d, 1)
-
-            def transform(Za: torch.Tensor, Zb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                L, hkv, G = Za.shape[:3]
-                za, new_va = normalize_head_rows(
-                    Za, va.reshape(L, hkv, G, *va.shape[-2:]), beta2, eps, unit_dims=2 if cfg.hybrid else 0
-                )
-                zb, new_vb = normalize_head_rows(Zb, vb.unsqueeze(2), beta2, eps)
-                out["new_va"], out["new_vb"] = new_va.flatten(1, 2), new_vb.squeeze(2)
-                return za, zb
-
-            return transform
-
-        return factory
-
-    def _cm_apply(self, group: dict, plan: list[PairBatch], stats: dict) -> None:
-        decay = float(group["lr"]) * group["weight_decay"]
-        for batch in plan:
-            if batch.apply is not None:  # FSDP2 gather fallback: writes this rank's rows of the pair's heads
-                batch.apply(decay)
-                continue
-            if batch.dA is None or batch.dB is None:
-                raise RuntimeError(f"the CM update of {batch.names} was not computed")
-            for i, e in enumerate(batch.entries):
-                e.m[0].copy_(batch.new_ma[i])
-                e.m[1].copy_(batch.new_mb[i])
-                if batch.new_va is not None and batch.new_vb is not None and e.v is not None:
-                    e.v[0].copy_(batch.new_va[i].expand_as(e.v[0]))
-                    e.v[1].copy_(batch.new_vb[i].expand_as(e.v[1]))
-                apply_update(e.w[0], batch.dA[i], decay)
-                apply_update(e.w[1], batch.dB[i], decay)
-            if self.track_stats and batch.stats:
-                s = pair_stats(batch.A, batch.B, batch.dA, batch.dB, batch.kind)
-                for i, name in enumerate(batch.names):
-                    stats[name] = {k: v[i] for k, v in s.items()}
+        """The group's CM updates, all buckets at once (nothing written), computed by the strategy
+        ``self.parallel`` picks."""
+        return match_group_rms(self.parallel.cm_group(cm_stream.prepare(self, group)), group)
 
     # -- reporting --------------------------------------------------------------------------------
     def summary(self) -> str:

@@ -16,13 +16,12 @@ Rows/cols are those of the 2-D (flattened) matrix, or of one expert.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from .buckets import DEFAULT_BUCKET_BYTES
 from .layouts import from_matrices, resolve_layout, to_matrices
-from .msign import BACKENDS, default_msign_dtype, msign
+from .msign import default_msign_dtype, msign
 from .ops import decoupled_add
 from .parallel import is_dtensor
 from .routing import RoutedOptimizer
@@ -62,29 +61,6 @@ class MsignOptimizer(RoutedOptimizer):
     Subclasses set ``matrix_defaults``, pass their hyperparameters to ``super().__init__(params,
     defaults)`` and override :meth:`_directions` / :meth:`_matrix_step` as needed.
     """
-
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group["use_muon"]:
-            self._validate_momentum_msign(group)
-            if "adjust_lr_fn" in group:
-                shape_scale(1, 1, group["adjust_lr_fn"])  # validates the name
-
-    @staticmethod
-    def _validate_momentum_msign(group: dict) -> None:
-        """The checks every msign-based matrix group shares: momentum, backend, ns_steps."""
-        if not 0 <= group["momentum"] < 1:
-            raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
-        if group["backend"] not in BACKENDS:
-            raise ValueError(f"unknown msign backend {group['backend']!r}; expected one of {BACKENDS}")
-        k = group["ns_steps"]
-        if (
-            isinstance(k, bool)
-            or not isinstance(k, numbers.Real)
-            or not 1 <= float(k) < math.inf
-            or float(k) != int(float(k))
-        ):
-            raise ValueError(f"ns_steps must be an integer >= 1, got {k!r}")
 
     def _directions(self, group: dict, params: list) -> list:
         """Momentum step for each param; returns the directions to orthogonalize (2-D, or

@@ -30,13 +30,13 @@ from .attention import (
     AttentionSpec,
     _check_coverage,
     find_attention,
-    head_view,
     route_parameters,
 )
 from .layouts import mark_layouts
 from .muon import Muon, muon_momentum, shape_scale
 from .ops import decoupled_add
-from .parallel.layout import gather_full, local, local_part
+from .parallel.heads import head_updates
+from .parallel.layout import local, local_part
 
 __all__ = ["PerHeadMuon", "head_blocks", "PER_HEAD_KINDS"]
 
@@ -92,9 +92,12 @@ class PerHeadMuon(Muon):
     exactly once by head slices), plus Muon (``use_muon=True``) and AdamW (``use_muon=False``)
     groups as for :class:`MuonWithAuxAdam`. A heads group takes Muon's options (``lr``,
     ``momentum``, ``nesterov``, ``ns_steps``, ``weight_decay``, ``adjust_lr_fn``, ``backend``,
-    ``msign_dtype``). DDP: the head msigns are spread over the ranks like Muon's matrices; FSDP2:
-    each sharded attention weight's direction is gathered, every head's msign spread over the
-    ranks, and each rank keeps its rows.
+    ``msign_dtype``). DDP: the head msigns are spread over the ranks like Muon's matrices.
+    DTensor weights (FSDP2, TP, HSDP, FSDP x TP, HSDP x TP; :mod:`.parallel.heads`): a weight whose
+    head blocks each lie whole on one rank (TP's q/k/v rows and o columns) is orthogonalized where
+    it lives, with no communication; one whose blocks' width is split (FSDP2's o rows) from the
+    all-reduced ``d x d`` Grams; any other (a head across a shard boundary) is gathered, its
+    head msigns spread, and each rank keeps its part.
     """
 
     def __init__(self, param_groups, *, nonfinite: str = "raise", distributed="auto"):
@@ -170,28 +173,23 @@ class PerHeadMuon(Muon):
             return super()._matrix_step(group, params)
         lr, wd = float(group["lr"]), group["weight_decay"]
         present = {id(p) for p in params}
-        fulls: dict[int, torch.Tensor] = {}
-        mats: list[torch.Tensor] = []
-        where: list = []
+        blocks_of: dict[int, list] = {}
+        for blk in group["head_blocks"]:
+            blocks_of.setdefault(blk[0], []).append(blk)
+        dirs = {}
         for i, p in enumerate(group["params"]):
-            if id(p) not in present:
-                continue
-            buf = self._state_buffer(p, "momentum_buffer")
-            u = muon_momentum(buf, p.grad, group["momentum"], group["nesterov"])
-            fulls[i] = gather_full(u, "per_head.gather")
-        for pi, axis, offset, stride, n, d in group["head_blocks"]:
-            if pi in fulls:
-                blocks = head_view(fulls[pi], axis, offset, stride, n, d)
-                mats.extend(blocks.unbind(0))
-                where.append((pi, axis, offset, stride, n, d))
-        zs = self._orthogonalize(group, mats)
-        updates = {i: torch.zeros_like(u) for i, u in fulls.items()}
-        k = 0
-        for pi, axis, offset, stride, n, d in where:
-            dst = head_view(updates[pi], axis, offset, stride, n, d)
-            scale = shape_scale(d, dst.size(-1), group["adjust_lr_fn"])
-            dst.copy_(torch.stack(zs[k : k + n]).to(dst.dtype) * scale)
-            k += n
-        for i, upd in updates.items():
+            if id(p) in present:
+                buf = self._state_buffer(p, "momentum_buffer")
+                dirs[i] = muon_momentum(buf, p.grad, group["momentum"], group["nesterov"])
+        updates = head_updates(
+            dirs,
+            blocks_of,
+            lambda mats: self._orthogonalize_local(group, mats),
+            lambda mats: self._orthogonalize(group, mats),
+            group["backend"],
+            None if group["backend"] == "svd" else int(group["ns_steps"]),
+            lambda d, width: shape_scale(d, width, group["adjust_lr_fn"]),
+        )
+        for i, (upd, is_local) in updates.items():
             p = group["params"][i]
-            decoupled_add(local(p), local_part(upd, p), lr * wd, alpha=-lr)
+            decoupled_add(local(p), upd if is_local else local_part(upd, p), lr * wd, alpha=-lr)

@@ -128,30 +128,11 @@ class RoutedOptimizer(torch.optim.Optimizer):
             _check_layouts(group, self.supports_experts, type(self).__name__)
             # a DTensor layout no strategy can update exactly: refuse before any step
             check_supported(group["params"], type(self).__name__)
-        self._validate_group(group)
         self._register_group(group)
 
     def _register_group(self, group: dict) -> None:
         """Hand a complete, validated group to ``torch.optim.Optimizer``."""
         torch.optim.Optimizer.add_param_group(self, group)
-
-    def _validate_group(self, group: dict) -> None:
-        self._validate_base(group)
-
-    def _validate_base(self, group: dict) -> None:
-        """The checks every group of every optimizer gets (learning rate, weight decay, AdamW's)."""
-        lr, wd = group.get("lr"), group.get("weight_decay", 0.0)
-        # `not x >= 0` (rather than `x < 0`) also rejects NaN, as torch.optim does
-        if not isinstance(lr, (int, float, torch.Tensor)) or not lr >= 0:
-            raise ValueError(f"learning rate must be >= 0, got {lr!r}")
-        if not wd >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {wd!r}")
-        if not group["use_muon"]:
-            b1, b2 = group["betas"]
-            if not (0 <= b1 < 1 and 0 <= b2 < 1):
-                raise ValueError(f"AdamW betas must be in [0, 1), got {group['betas']!r}")
-            if not group["eps"] >= 0:
-                raise ValueError(f"AdamW eps must be >= 0, got {group['eps']!r}")
 
     # -- step -----------------------------------------------------------------------------------
     def _begin_step(self, closure):

@@ -29,7 +29,17 @@ from ..inverse_root import gram_eigh, inverse_cholesky_factor, inverse_sqrt_newt
 from ..msign import default_msign_dtype, msign
 from .config import CMConfig
 
-__all__ = ["pair_update", "compiled_pair_update", "PairReducer", "LOCAL", "group_stats", "left_apply", "ZTransform"]
+__all__ = [
+    "pair_update",
+    "pair_roots",
+    "used_roots",
+    "compiled_pair_update",
+    "PairReducer",
+    "LOCAL",
+    "group_stats",
+    "left_apply",
+    "ZTransform",
+]
 
 Tensor = torch.Tensor
 ZTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -197,6 +207,22 @@ def _renorm(Za: Tensor, dA: Tensor, Zb: Tensor, dB: Tensor, reducer: PairReducer
     return ratio(rt[:, 0], rt[:, 1]), ratio(rt[:, 2], rt[:, 3])
 
 
+def pair_roots(A: Tensor, B: Tensor, cfg: CMConfig, reducer: PairReducer = LOCAL) -> Roots:
+    """The partner whitening factors of a layer-batched pair (shapes as in :func:`pair_update`):
+    grouped statistics -> ``reducer.partner_stats`` -> :func:`partner_roots`. With ``lam = 0`` a
+    singular partner Gram makes them non-finite, the one way a finite step yields a non-finite update."""
+    need_eigh = cfg.connection in ("frobenius", "scale_aware")
+    Sa, Sb = group_stats(A, B, reducer.group_size(A, B), cfg.isotropic and not need_eigh)
+    Ga, Gb = reducer.partner_stats(Sa, Sb)
+    return partner_roots(Ga, Gb, cfg, B.size(2), need_eigh)
+
+
+def used_roots(roots: Roots, cfg: CMConfig) -> list[Tensor]:
+    """The whitening factors of ``roots`` that :func:`pair_update` multiplies into the update."""
+    pre = [roots.pre_b, roots.pre_a] if cfg.whitening in ("both", "pre") else []
+    return pre + ([roots.post_b, roots.post_a] if cfg.whitening in ("both", "post") else [])
+
+
 def pair_update(
     A: Tensor,
     B: Tensor,
@@ -221,13 +247,9 @@ def pair_update(
     optimizer's ``transform="normuon"``, :func:`~compositional_muon.cm.normalize_head_rows`).
     """
     G = reducer.group_size(A, B)
-    d = B.size(2)
-    need_eigh = cfg.connection in ("frobenius", "scale_aware")
     if not reducer.whole and (cfg.method != "half_split" or cfg.connection != "none" or z_transform is not None):
         raise ValueError("a sharded CM pair supports method='half_split' without connection or transform only")
-    Sa, Sb = group_stats(A, B, G, cfg.isotropic and not need_eigh)
-    Ga, Gb = reducer.partner_stats(Sa, Sb)
-    roots = partner_roots(Ga, Gb, cfg, d, need_eigh)
+    roots = pair_roots(A, B, cfg, reducer)
     pre = cfg.whitening in ("both", "pre")
     post = cfg.whitening in ("both", "post")
     work = roots.pre_b.dtype

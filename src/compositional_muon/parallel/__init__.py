@@ -3,7 +3,7 @@
 ``comm`` counted collectives (:class:`CommCounter`), ``layout`` where tensors and heads live,
 ``work`` assignment / spreading / owner computation, ``gram_msign`` msign from an all-reduced
 Gram, ``mesh`` placements -> boxes of every rank's part, ``box`` owner computation on such boxes,
-``mesh_strategies`` TP / HSDP / EP, ``reducer`` the sharded :class:`~compositional_muon.cm.kernel.PairReducer`, ``strategy`` /
+``mesh_strategies`` TP / HSDP / EP, ``heads`` PerHeadMuon's per-head msigns on sharded weights, ``reducer`` the sharded :class:`~compositional_muon.cm.kernel.PairReducer`, ``strategy`` /
 ``sharded`` the strategies, ``select`` the :class:`Parallel` policy an optimizer holds.
 """
 

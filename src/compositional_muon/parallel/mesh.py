@@ -133,10 +133,8 @@ def _group_of(mesh: Any, dims: tuple[int, ...], what: str) -> tuple[Any, list[tu
         pg = dist.group.WORLD
         ranks = list(range(dist.get_world_size()))
     else:
-        raise UnsupportedLayout(
-            f"{what}: sharded over {len(dims)} of the {mesh.ndim} dims of a mesh; supported: one mesh "
-            "dim sharding (others replicated) or every dim of a mesh spanning all ranks"
-        )
+        pg = _flat_group(mesh, dims, what)
+        ranks = dist.get_process_group_ranks(pg)
     grid = mesh.mesh
     coords = []
     for g in ranks:
@@ -145,6 +143,20 @@ def _group_of(mesh: Any, dims: tuple[int, ...], what: str) -> tuple[Any, list[tu
             raise UnsupportedLayout(f"{what}: rank {g} of its group is not in its mesh")
         coords.append(tuple(int(c) for c in pos[0]))
     return pg, coords
+
+
+def _flat_group(mesh: Any, dims: tuple[int, ...], what: str) -> Any:
+    """The process group over several (not all) dims of a mesh, e.g. ``shard x tp`` of an
+    HSDP x TP mesh ``(replicate, shard, tp)``: the flattened submesh's group (DeviceMesh
+    ``_flatten``, created once by every rank at the first call, cached in the root mesh)."""
+    names = mesh.mesh_dim_names
+    if names is None or not hasattr(mesh, "_flatten"):
+        raise UnsupportedLayout(
+            f"{what}: sharded over {len(dims)} of the {mesh.ndim} dims of a mesh without dim names; "
+            "name its dims (init_device_mesh(..., mesh_dim_names=...)) or use one of the supported meshes: "
+            "1-D, replicate x shard (HSDP), dp x tp (FSDP x TP), replicate x shard x tp"
+        )
+    return mesh[tuple(names[d] for d in dims)]._flatten().get_group()
 
 
 def shard_layout(t: Any, what: str = "tensor") -> ShardLayout:

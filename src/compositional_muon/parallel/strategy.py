@@ -16,23 +16,26 @@ where a pair's pieces are spread. Four strategies exist: :class:`SingleProcess`,
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..buckets import group_limit, pack, pair_work_bytes
 from ..cm.config import CMConfig
 from ..cm.functional import cm_momentum
 from ..cm.kernel import ZTransform, pair_update
+from ..msign import default_msign_dtype
 from ..plan import PairBatch, PairEntry, PairLayout
 from .work import common_dtype, msign_cost, spread
 
-__all__ = ["Strategy", "SingleProcess", "ReplicatedWorkSharing", "CMGroupStep", "MatrixFn"]
+__all__ = ["Strategy", "SingleProcess", "ReplicatedWorkSharing", "CMGroupStep", "MatrixFn", "local_buckets"]
 
 Tensor = torch.Tensor
 MatrixFn = Callable[[list[Tensor]], list[Tensor]]
 TransformFactory = Callable[[list[PairEntry], CMConfig, dict[str, Tensor]], ZTransform]
+LocalWork = tuple[PairBatch, CMConfig, Tensor, Tensor]
 
 
 @dataclass
@@ -42,7 +45,8 @@ class CMGroupStep:
     ``pairs``: the group's typed layouts; ``params``: the group's parameters (``HeadRef.index``
     points into them); ``state``: the optimizer's per-parameter state (``momentum_buffer``,
     ``head_moment``); ``transform``: the normuon factory (None for transform="none"); ``warn``:
-    a once-per-key warning callback ``(key, message)``."""
+    a once-per-key warning callback ``(key, message)``; ``bucket_bytes``: the byte cap of the
+    streamed buckets (:mod:`compositional_muon.buckets`; None: one bucket per shape)."""
 
     group: dict[str, Any]
     cfg: CMConfig
@@ -51,6 +55,7 @@ class CMGroupStep:
     state: Any
     transform: TransformFactory | None
     warn: Callable[[str, str], None]
+    bucket_bytes: int | None = None
 
     @property
     def eta(self) -> float:
@@ -109,12 +114,23 @@ class Strategy:
         """The CM updates of the group's pairs (``dA``/``dB`` filled, nothing written)."""
         raise NotImplementedError
 
+    #: whether :meth:`cm_buckets` streams (one byte-capped bucket at a time)
+    streams = False
 
-def local_batches(step: CMGroupStep) -> list[tuple[PairBatch, CMConfig, Tensor, Tensor]]:
-    """Same-shape pairs of plain (non-DTensor) parameters stacked into batches with their new
-    momenta; returns ``(batch, pair config, ua, ub)`` with ``dA``/``dB`` still empty."""
+    def cm_buckets(self, step: CMGroupStep) -> Iterator[list[PairBatch]]:
+        """The group's CM updates as successive lists of batches; the optimizer checks and writes
+        each list before asking for the next, so only one is held at a time. The default is the
+        whole group at once (:meth:`cm_group`)."""
+        yield self.cm_group(step)
+
+
+def local_buckets(step: CMGroupStep) -> list[tuple[str, list[PairEntry]]]:
+    """The ready pairs of plain (non-DTensor) parameters as ``(kind, entries)`` buckets: same-shape
+    pairs together, cut into runs whose estimated working memory
+    (:func:`~compositional_muon.buckets.pair_work_bytes`) stays under the group's limit
+    (:func:`~compositional_muon.buckets.group_limit` of the bytes of every pair's weights)."""
     normuon = step.transform is not None
-    buckets: dict[tuple[Any, ...], list[PairEntry]] = {}
+    keyed: dict[tuple[Any, ...], list[PairEntry]] = {}
     for pair, pa, pb in step.ready_pairs():
         A, B = pair.views(pa, pb)
         st_a, st_b = step.state[pa], step.state[pb]
@@ -126,38 +142,61 @@ def local_batches(step: CMGroupStep) -> list[tuple[PairBatch, CMConfig, Tensor, 
             v=pair.views(st_a["head_moment"], st_b["head_moment"]) if normuon else None,
         )
         key = (pair.kind, tuple(A.shape), tuple(B.shape), pa.dtype, pb.dtype)
-        buckets.setdefault(key, []).append(entry)
+        keyed.setdefault(key, []).append(entry)
+    entries = [e for run in keyed.values() for e in run]
+    limit = group_limit(sum(w.numel() * w.element_size() for e in entries for w in e.w), step.bucket_bytes)
+    work = step.cfg.msign_dtype or (default_msign_dtype(entries[0].w[0].device) if entries else None)
     out = []
-    for key, entries in buckets.items():
-        A, B, ga, gb, ma, mb = (torch.stack([getattr(e, f)[i] for e in entries]) for f in "wgm" for i in (0, 1))
-        new_ma, new_mb, ua, ub = step.momentum(A, B, ga, gb, ma, mb, step.cfg)
-        batch = PairBatch(entries=entries, kind=key[0], A=A, B=B, new_ma=new_ma, new_mb=new_mb)
-        out.append((batch, step.cfg.for_kind(key[0]), ua, ub))
+    for key, run in keyed.items():
+        costs = [sum(pair_work_bytes(w.numel(), w.dtype, work) for w in e.w) for e in run]
+        out += [(key[0], [run[i] for i in idx]) for idx in pack(costs, limit)]
     return out
 
 
+def stack_bucket(step: CMGroupStep, kind: str, entries: list[PairEntry]) -> LocalWork:
+    """One bucket's weights stacked with its new momenta: ``(batch, pair config, ua, ub)``, with
+    ``dA``/``dB`` still empty (the stacked gradients and old momenta are freed on return)."""
+    A, B, ga, gb, ma, mb = (torch.stack([getattr(e, f)[i] for e in entries]) for f in "wgm" for i in (0, 1))
+    new_ma, new_mb, ua, ub = step.momentum(A, B, ga, gb, ma, mb, step.cfg)
+    batch = PairBatch(entries=entries, kind=kind, A=A, B=B, new_ma=new_ma, new_mb=new_mb)
+    return batch, step.cfg.for_kind(kind), ua, ub
+
+
+def bucket_config(step: CMGroupStep, cfg: CMConfig, A: Tensor) -> CMConfig:
+    """The pair config a bucket is computed with: normuon's rows are defined in the symmetric
+    root's basis, so ``root_method="auto"`` resolves to it there."""
+    if step.transform is not None and cfg.root_method == "auto":
+        return dataclasses.replace(cfg, root_method=_symmetric_root(A))
+    return cfg
+
+
 class SingleProcess(Strategy):
-    """Everything on this process: one batched kernel call per same-shape bucket."""
+    """Everything on this process: one batched kernel call per byte-capped bucket, streamed."""
 
     name = "single"
+    streams = True
 
     def matrices(self, mats: list[Tensor], compute: MatrixFn) -> list[Tensor]:
         return compute(mats)
 
     def cm_group(self, step: CMGroupStep) -> list[PairBatch]:
-        plan = []
-        for batch, cfg, ua, ub in local_batches(step):
-            zt = None
-            if step.transform is not None:
-                if cfg.root_method == "auto":  # the symmetric root: rows are defined in its basis
-                    cfg = dataclasses.replace(cfg, root_method=_symmetric_root(batch.A))
-                moments: dict[str, Tensor] = {}
-                zt = step.transform(batch.entries, cfg, moments)
-            batch.dA, batch.dB = pair_update(batch.A, batch.B, ua, ub, step.eta, cfg, z_transform=zt)
-            if zt is not None:
-                batch.new_va, batch.new_vb = moments["new_va"], moments["new_vb"]
-            plan.append(batch)
-        return plan
+        return [batch for bucket in self.cm_buckets(step) for batch in bucket]
+
+    def cm_buckets(self, step: CMGroupStep) -> Iterator[list[PairBatch]]:
+        for kind, entries in local_buckets(step):
+            yield [self._update(step, *stack_bucket(step, kind, entries))]
+
+    @staticmethod
+    def _update(step: CMGroupStep, batch: PairBatch, cfg: CMConfig, ua: Tensor, ub: Tensor) -> PairBatch:
+        cfg = bucket_config(step, cfg, batch.A)
+        zt = None
+        moments: dict[str, Tensor] = {}
+        if step.transform is not None:
+            zt = step.transform(batch.entries, cfg, moments)
+        batch.dA, batch.dB = pair_update(batch.A, batch.B, ua, ub, step.eta, cfg, z_transform=zt)
+        if zt is not None:
+            batch.new_va, batch.new_vb = moments["new_va"], moments["new_vb"]
+        return batch
 
 
 def _grad(p: Tensor) -> Tensor:
@@ -193,15 +232,21 @@ class ReplicatedWorkSharing(Strategy):
         )
         return [f.view(u.shape).to(u.dtype) for f, u in zip(flat, mats)]
 
-    def cm_group(self, step: CMGroupStep) -> list[PairBatch]:
-        work = local_batches(step)
-        if work:
-            self._spread_pair_updates(work, step.eta)
-        return [batch for batch, _, _, _ in work]
+    streams = True
 
-    def _spread_pair_updates(self, work: list[tuple[PairBatch, CMConfig, Tensor, Tensor]], eta: float) -> None:
+    def cm_group(self, step: CMGroupStep) -> list[PairBatch]:
+        return [batch for bucket in self.cm_buckets(step) for batch in bucket]
+
+    def cm_buckets(self, step: CMGroupStep) -> Iterator[list[PairBatch]]:
+        # every rank builds the same buckets (same shapes, same gradients present) in the same order
+        for kind, entries in local_buckets(step):
+            work = [stack_bucket(step, kind, entries)]
+            self._spread_pair_updates(work, step.eta)
+            yield [work.pop()[0]]  # nothing of this bucket stays referenced here while the next is stacked
+
+    def _spread_pair_updates(self, work: list[LocalWork], eta: float) -> None:
         """Fill ``dA``/``dB`` of every batch, each rank computing ``pair_update`` for a share of the
-        layers (greedy over all buckets), then one ``all_gather``."""
+        layers (greedy over all of ``work``), then one ``all_gather``."""
         units, numels, costs = [], [], []
         for e, (batch, _, ua, ub) in enumerate(work):
             L, H, d, D = batch.A.shape

@@ -12,6 +12,7 @@ import json
 import os
 import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -123,13 +124,12 @@ class MeshSpec:
     def check(self) -> None:
         if self.tp < 1 or self.world % self.tp:
             raise ValueError(f"--tp {self.tp} must be >= 1 and divide the number of processes {self.world}")
-        if self.hsdp and (self.hsdp < 1 or self.world % self.hsdp or self.hsdp == self.world):
+        dp = self.dp_world
+        if self.hsdp and (self.hsdp < 1 or dp % self.hsdp or self.hsdp == dp):
             raise ValueError(
-                f"--hsdp {self.hsdp} (ranks per shard group) must divide the number of processes {self.world} "
+                f"--hsdp {self.hsdp} (ranks per shard group) must divide the number of data-parallel ranks {dp} "
                 "and be smaller than it (it equals plain FSDP otherwise)"
             )
-        if self.hsdp and self.tp > 1:
-            raise ValueError("--hsdp with --tp (a 3-D replicate x shard x tp mesh) is not supported; use one of them")
 
 
 def tp_plan(block: torch.nn.Module) -> dict:
@@ -163,8 +163,9 @@ def wrap_model(
     ``tp > 1`` (``"fsdp2"`` only): a ``(world / tp) x tp`` mesh ``("dp", "tp")``; every block is
     first split by :func:`tp_plan` over ``"tp"`` (heads across the TP ranks), then ``fully_shard``
     over ``"dp"`` (skipped when ``tp`` is the world: pure TP). ``hsdp = n > 0`` (``"fsdp2"``
-    only): ``fully_shard`` over a ``(world / n) x n`` replicate x shard mesh. The data-parallel
-    slice each rank reads: :class:`MeshSpec`."""
+    only): ``fully_shard`` over a ``(world / n) x n`` replicate x shard mesh; with ``tp > 1`` a 3-D
+    ``(world / (n tp)) x n x tp`` mesh ``("replicate", "shard", "tp")``, TP over ``"tp"`` and HSDP
+    over the other two. The data-parallel slice each rank reads: :class:`MeshSpec`."""
     if mode in (None, "none", "single"):
         return model
     if not dist.is_initialized():
@@ -180,31 +181,44 @@ def wrap_model(
         ids = [dev.index] if getattr(dev, "type", "cpu") == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, **kwargs)
     if mode == "fsdp2":
-        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        from torch.distributed.tensor.parallel import parallelize_module
 
         kind = torch.device(device if device is not None else next(model.parameters()).device).type
         todo = _blocks(model) if blocks is None else blocks
-        if tp > 1:
-            mesh = init_device_mesh(kind, (spec.dp_world, tp), mesh_dim_names=("dp", "tp"))
-            for b in todo:
-                plan = tp_plan(b)
-                if not plan:
-                    raise ValueError(f"--tp {tp}: block {type(b).__name__} has no nn.Linear named in COLWISE/ROWWISE")
-                parallelize_module(b, mesh["tp"], plan)
-            if spec.dp_world == 1:
-                return model
-            fsdp_mesh = mesh["dp"]
-        elif hsdp:
-            fsdp_mesh = init_device_mesh(kind, (spec.world // hsdp, hsdp), mesh_dim_names=("replicate", "shard"))
-        else:
-            fsdp_mesh = init_device_mesh(kind, (spec.world,))
+        fsdp_mesh = _fsdp2_mesh(kind, spec, todo)
+        if fsdp_mesh is None:  # pure TP
+            return model
         for b in todo:
             fully_shard(b, mesh=fsdp_mesh, **kwargs)
         fully_shard(model, mesh=fsdp_mesh, **kwargs)
         return model
     raise ValueError(f"unknown distributed mode {mode!r}; expected 'none', 'ddp' or 'fsdp2'")
+
+
+def _fsdp2_mesh(kind: str, spec: MeshSpec, todo: list) -> Any:
+    """The mesh ``fully_shard`` runs on (None under pure TP), after splitting every block of
+    ``todo`` by :func:`tp_plan` when ``spec.tp > 1``: 1-D, replicate x shard (HSDP), dp x tp or
+    replicate x shard x tp (the last dim tp)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import parallelize_module
+
+    tp, hsdp = spec.tp, spec.hsdp
+    if tp == 1:
+        if hsdp:
+            return init_device_mesh(kind, (spec.world // hsdp, hsdp), mesh_dim_names=("replicate", "shard"))
+        return init_device_mesh(kind, (spec.world,))
+    if hsdp:  # 3-D: (replicate, shard, tp)
+        mesh = init_device_mesh(kind, (spec.dp_world // hsdp, hsdp, tp), mesh_dim_names=("replicate", "shard", "tp"))
+        fsdp_mesh = mesh["replicate", "shard"]
+    else:
+        mesh = init_device_mesh(kind, (spec.dp_world, tp), mesh_dim_names=("dp", "tp"))
+        fsdp_mesh = mesh["dp"]
+    for b in todo:
+        plan = tp_plan(b)
+        if not plan:
+            raise ValueError(f"--tp {tp}: block {type(b).__name__} has no nn.Linear named in COLWISE/ROWWISE")
+        parallelize_module(b, mesh["tp"], plan)
+    return None if spec.dp_world == 1 else fsdp_mesh
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

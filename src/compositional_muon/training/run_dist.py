@@ -4,6 +4,8 @@ rank-dependent in the CLI goes through :class:`Runner`."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import UsageError
@@ -29,11 +31,14 @@ class Runner:
         self.D = D
         info = D.setup_distributed("gloo" if device.type == "cpu" else None)
         self.rank, self.world, self.device = info.rank, info.world_size, info.device
-        if self.world < 2:
+        # torchrun with one process and --dist ddp: a DDP run continued (or started) on one rank,
+        # with no process group and its DCP checkpoints, so it resumes at any number of processes
+        one_rank_ddp = mode == "ddp" and os.environ.get("WORLD_SIZE") == "1"
+        if self.world < 2 and not one_rank_ddp:
             self.cleanup()
             raise UsageError(
-                f"--dist {mode} needs at least 2 processes (torchrun --nproc_per_node=N, N >= 2); "
-                "for a single process leave out --dist"
+                f"--dist {mode} needs at least 2 processes (torchrun --nproc_per_node=N, N >= 2; a --dist ddp "
+                "run also resumes under torchrun --nproc_per_node=1); for a single process leave out --dist"
             )
         self.spec = D.MeshSpec(self.world, tp, hsdp)
         try:
@@ -57,7 +62,9 @@ class Runner:
         return "last.pt" if self.mode == "none" else "last_dcp"
 
     def wrap(self, model):
-        return model if self.mode == "none" else self.D.wrap_model(model, self.mode, tp=self.tp, hsdp=self.hsdp)
+        if self.mode == "none" or self.world == 1:
+            return model
+        return self.D.wrap_model(model, self.mode, tp=self.tp, hsdp=self.hsdp)
 
     def core(self, model):
         return model if self.mode == "none" else self.D.unwrap_model(model)

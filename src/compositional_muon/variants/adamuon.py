@@ -123,16 +123,6 @@ class AdaMuon(MsignOptimizer):
             bucket_bytes=bucket_bytes,
         )
 
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)  # no adjust_lr_fn here: its check is skipped
-        if group["use_muon"]:
-            self._validate_momentum_msign(group)
-            b2 = group["beta2"]
-            if b2 is not None and not 0 <= b2 < 1:
-                raise ValueError(f"beta2 must be None or in [0, 1), got {b2!r}")
-            if group["eps"] < 0:
-                raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
-
     def _directions(self, group: dict, params: list) -> list:
         out = []
         for p in params:

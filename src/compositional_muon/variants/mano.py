@@ -94,16 +94,6 @@ class Mano(RoutedOptimizer):
             bucket_bytes=bucket_bytes,
         )
 
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group["use_muon"]:
-            if not 0 <= group["momentum"] < 1:
-                raise ValueError(f"momentum must be in [0, 1), got {group['momentum']!r}")
-            if group["eps"] < 0:
-                raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
-            if group["version"] not in (1, 2):
-                raise ValueError(f"unknown Mano version {group['version']!r}; expected 1 or 2")
-
     def _matrix_step(self, group: dict, params: list) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         for p in params:

@@ -16,6 +16,10 @@ out x in, so ``K`` is ``n x n``, on the input side), at the parameter's ``t``-th
 The inputs are captured by forward pre-hooks on ``nn.Linear`` modules (:meth:`NewtonMuon.register`
 or :meth:`NewtonMuon.from_model`), only on refresh steps, only in training mode with grad enabled;
 each call is reduced at once to the ``n x n`` Gram ``Z Z^T / N``, so no activation is kept.
+Tensor parallel: a column-parallel layer's input is a replicated DTensor (its local tensor is the
+whole input); a row-parallel layer's input is split along its features and is all-gathered on
+refresh steps (the Gram needs the cross terms ``Z_r Z_s^T``), and ``G K^-1`` of its
+column-sharded gradient is computed on the gathered gradient (exact; see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import functools
 import warnings
 import weakref
 from itertools import chain
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +36,8 @@ from torch import nn
 from .. import parallel as _par
 from ..buckets import DEFAULT_BUCKET_BYTES
 from ..muon import MsignOptimizer, Muon, as_matrix, muon_momentum
+from ..parallel.comm import nbytes, record
+from ..parallel.layout import Replicate
 
 __all__ = ["NewtonMuon", "NewtonMuonHooks", "newton_precondition", "newton_refresh", "input_second_moment"]
 
@@ -115,11 +122,22 @@ class NewtonMuonHooks:
         self.remove()
 
 
-def _tp_error(name: str) -> Exception:
-    return _par.UnsupportedLayout(
-        f"NewtonMuon: {name} is tensor parallel (its input is sharded or a DTensor), so its input Gram "
-        "is not this rank's to capture; NewtonMuon supports DDP, FSDP2 and HSDP only (use Muon under TP)"
-    )
+def _full_input(w, x: Any) -> torch.Tensor:
+    """The layer input as a plain tensor with all ``n`` features: a DTensor input (tensor
+    parallel: replicated for a column-parallel layer, feature-sharded ``Shard(-1)`` for a
+    row-parallel one) is gathered (``newton.input``, refresh steps only); a plain input must
+    already hold every feature."""
+    if _par.is_dtensor(x):
+        if any(not isinstance(pl, Replicate) for pl in x.placements):
+            record("full_tensor", "newton.input", nbytes(x.to_local()))
+        return x.full_tensor()
+    if x.shape[-1] != as_matrix(w).size(1):
+        raise _par.UnsupportedLayout(
+            f"NewtonMuon: a layer input with {x.shape[-1]} features for a weight with "
+            f"{as_matrix(w).size(1)} inputs (a tensor-parallel shard as a plain tensor?); "
+            "use parallelize_module's DTensor inputs"
+        )
+    return x
 
 
 def _make_hook(opt: NewtonMuon, weight):
@@ -130,8 +148,6 @@ def _make_hook(opt: NewtonMuon, weight):
         if o is not None and module.training and torch.is_grad_enabled() and args:
             # the weight registered with the optimizer: under FSDP2 `module.weight` is the
             # unsharded tensor during forward, not the sharded parameter the optimizer holds
-            if _par.is_dtensor(args[0]):
-                raise _tp_error(type(module).__name__)
             o._capture(weight, args[0])
 
     return hook
@@ -266,8 +282,8 @@ class NewtonMuon(MsignOptimizer):
             if nb < 1 or mod.in_features % nb:
                 raise ValueError(f"blocks[{name!r}] = {nb} must be >= 1 and divide in_features = {mod.in_features}")
             w = mod.weight
-            if _par.is_dtensor(w) and 1 in _par.shard_layout(w, name).sharded_dims:
-                raise _tp_error(name)
+            if _par.is_dtensor(w):
+                _par.shard_layout(w, name)  # an unsupported layout is refused here, before any step
             if planned.get(w, nb) != nb:
                 raise ValueError(
                     f"{name}: its weight is shared with a module registered with {planned[w]} block(s), not {nb}"
@@ -333,7 +349,7 @@ class NewtonMuon(MsignOptimizer):
         if (t + 1) % int(group["refresh_interval"]):
             return
         with torch.no_grad():
-            gram = input_second_moment(x, nb, dtype=_acc_dtype(w.dtype))
+            gram = input_second_moment(_full_input(w, x), nb, dtype=_acc_dtype(w.dtype))
         acc = self._grams.get(w)
         if acc is None:
             self._grams[w] = [gram, 1]
@@ -342,19 +358,6 @@ class NewtonMuon(MsignOptimizer):
             acc[1] += 1
 
     # -- step -----------------------------------------------------------------------------------
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group["use_muon"]:
-            k = group["refresh_interval"]
-            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-                raise ValueError(f"refresh_interval must be an int >= 1, got {k!r}")
-            if not 0 <= group["precond_beta"] < 1:
-                raise ValueError(f"precond_beta must be in [0, 1), got {group['precond_beta']!r}")
-            if group["ridge"] < 0 or group["precond_eps"] < 0:
-                raise ValueError("ridge and precond_eps must be >= 0")
-            if not group["precond_init"] > 0:
-                raise ValueError(f"precond_init must be > 0, got {group['precond_init']!r}")
-
     def _before_step(self) -> None:
         self._warn_unhooked()
         if self.parallel.active(list(self._sources)):
@@ -398,7 +401,9 @@ class NewtonMuon(MsignOptimizer):
                     st["precond_inv"] = eye.clone()
                 if (st["step"] + 1) % group["refresh_interval"] == 0:
                     self._refresh(p, st, group)
-                K_inv = st["precond_inv"]  # K acts on the input (unsharded) dim: row shards are local
+                # K acts on the input dim: row shards (FSDP2, column-parallel) are preconditioned
+                # locally; a split input dim (row-parallel, FSDP x TP boxes) is gathered by map_local
+                K_inv = st["precond_inv"]
                 g = _par.map_local(g, functools.partial(_precondition, K_inv=K_inv))
             st["step"] += 1
             out.append(as_matrix(muon_momentum(st["momentum_buffer"], g, group["momentum"], group["nesterov"])))

@@ -146,16 +146,6 @@ class NorMuon(MsignOptimizer):
             bucket_bytes=bucket_bytes,
         )
 
-    def _validate_group(self, group: dict) -> None:
-        super()._validate_group(group)
-        if group["use_muon"]:
-            if not 0 <= group["beta2"] < 1:
-                raise ValueError(f"beta2 must be in [0, 1), got {group['beta2']!r}")
-            if group["eps"] < 0:
-                raise ValueError(f"eps must be >= 0, got {group['eps']!r}")
-            if group["scale"] not in NORMUON_SCALES:
-                raise ValueError(f"unknown NorMuon scale {group['scale']!r}; expected one of {NORMUON_SCALES}")
-
     def _matrix_step(self, group: dict, params: list) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         zs = self._orthogonalize(group, self._directions(group, params))

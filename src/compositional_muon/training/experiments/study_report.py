@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import statistics
 
 from ..stats import PairedDiff, first_crossing, mean_ci, paired_difference
@@ -80,6 +82,18 @@ def to_target(results: Results, cell: str, label: str, ref: str) -> dict:
             time=None if secs is None else secs / refs[seed]["train_s"],
         )
     return out
+
+
+def step_time_ratios(results: Results) -> dict | None:
+    """Per-optimizer training-step time over the reference's, from ``<study>_step_time.json`` next
+    to the results (``bench/train_step_time.py``: every optimizer timed in one process, interleaved),
+    or None when that file is absent."""
+    path = os.path.splitext(results.path)[0] + "_step_time.json"
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        med = json.load(f)["median_s"]
+    return {lab: t / med["muon"] for lab, t in med.items()} if "muon" in med else None
 
 
 def _ci_text(d: PairedDiff) -> str:
@@ -162,21 +176,33 @@ def _cell_table(study: StudyConfig, results: Results, cell: str) -> list[str]:
             "",
             f"To reach {ref}'s final loss (same seed), as a fraction of {ref}'s steps / training time "
             "(training time: sum of step times, evaluation excluded; on a shared machine it carries the load "
-            "changes between runs):",
+            "changes between runs; the last column uses instead the step-time ratio measured with every optimizer in "
+            "one process, `bench/train_step_time.py`, when its JSON is next to the results):",
             "",
         ]
-        lines += ["| optimizer | steps (mean [95% CI]) | training time (mean [95% CI]) |", "|---|---|---|"]
+        ratios = step_time_ratios(results) or {}
+        lines += [
+            "| optimizer | steps (mean [95% CI]) | training time (mean [95% CI]) | step-time ratio (bench) "
+            "| wall-clock = steps x ratio |",
+            "|---|---|---|---|---|",
+        ]
         for lab in labels:
             if lab != ref:
                 t = to_target(results, cell, lab, ref)
                 steps, times = [v["steps"] for v in t.values()], [v["time"] for v in t.values()]
-                lines.append(f"| {lab} | {_frac_text(steps)} | {_frac_text(times)} |")
+                r = ratios.get(lab)
+                quiet = "-" if r is None else _frac_text([None if s is None else s * r for s in steps])
+                lines.append(
+                    f"| {lab} | {_frac_text(steps)} | {_frac_text(times)} | {'-' if r is None else f'{r:.3f}'} "
+                    f"| {quiet} |"
+                )
     return lines + [""]
 
 
 def _summary(study: StudyConfig, results: Results, cells: list[str]) -> list[str]:
     labels = [lab for lab in study.optimizers if any(_ok(results, c, lab) for c in cells)]
-    pairs = [p for p in cell_pairs(labels) if p[1] == "muon" or p in (("cm", "per-head"), ("cm", "cm-no-nesterov"))]
+    extra = (("cm", "per-head"), ("cm", "per-head-muon"), ("cm", "cm-no-nesterov"))
+    pairs = [p for p in cell_pairs(labels) if p[1] == "muon" or p in extra]
     pairs = [p for p in pairs if any(_ok(results, c, p[0]) and _ok(results, c, p[1]) for c in cells)]
     if not pairs:
         return []
