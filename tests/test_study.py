@@ -196,3 +196,20 @@ def test_runs_at_an_earlier_lr_pick_are_dropped(study, monkeypatch, tmp_path):
     assert main(argv) == 0 and calls == []
     runs = json.loads(copy.read_text())["runs"]
     assert not any(r["lr"] == 0.5 for r in runs) and len(runs) == len(data["runs"]) - 1
+
+
+def test_an_lrs_around_sweep_keeps_its_edge_extension_on_rerun(tmp_path, monkeypatch):
+    """A swept cell whose lrs come from another cell's best (``lrs_around``) extends at an edge;
+    running the study again must keep those runs (it once dropped them as "an earlier lr pick" and
+    then failed on their run folders)."""
+    cfg = dict(TINY, cells=[*TINY["cells"][:1], {"name": "around", "steps": 4, "seeds": [0], "optimizers": ["muon"],
+               "lrs_around": {"cell": "sw", "mults": [1, 2]}, "extend_edges": 1}])  # fmt: skip
+    rc, res = _run(tmp_path, cfg)
+    assert rc == 0
+    first = [r for r in json.loads(res.read_text())["runs"] if r["cell"] == "around"]
+    assert len(first) == 3  # x1, x2 and the one extension at the edge
+    calls = []
+    monkeypatch.setattr(train, "run", lambda args: calls.append(args))
+    rc, _ = _run(tmp_path, cfg)
+    again = [r for r in json.loads(res.read_text())["runs"] if r["cell"] == "around"]
+    assert rc == 0 and calls == [] and again == first

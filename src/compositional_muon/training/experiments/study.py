@@ -238,7 +238,7 @@ def run_cell(
     the grid while its best learning rate sits at an edge (``extend_edges`` points in all)."""
     plan = {label: cell_lrs(study, cell, results, label, results_dir) for label in cell.optimizers}
     for label, lrs in plan.items():
-        if not cell.lrs:  # lr taken from another cell: drop records of an lr that is no longer the pick
+        if cell.lr_from is not None:  # lr taken from another cell: drop records of an lr that is no longer the pick
             keep = {lr_key(lr) for lr in lrs}
             stale = [r for r in results.of(cell.name, label) if lr_key(r["lr"]) not in keep]
             if stale:
