@@ -401,16 +401,22 @@ def sc_expert_parallel(rank, world, names):
     return out
 
 
-def sc_tp_cm_comm(rank, world):
-    """Every collective (c10d and DTensor dispatch, seen by CommDebugMode) of CM's plans under TP
-    with ``hybrid=False``: only the 4-byte NaN/inf agreement."""
+def _tp_gqa_with_grads(opt_name):
+    """The TP GQA model's optimizer ``opt_name`` after one backward, and fresh collective counters
+    (this library's wrapper and DTensor's CommDebugMode)."""
     from torch.distributed.tensor.debug import CommDebugMode
 
     model, _, _ = build_model(GQA, "tp")
-    opt = build_opt("cm_nohybrid", model)
+    opt = build_opt(opt_name, model)
     x, y = batches(32, 1)[0]
     F.cross_entropy(model(x).reshape(-1, 32), y.reshape(-1)).backward()
-    counter, mode = D.CommCounter(), CommDebugMode()
+    return opt, D.CommCounter(), CommDebugMode()
+
+
+def sc_tp_cm_comm(rank, world):
+    """Every collective (c10d and DTensor dispatch, seen by CommDebugMode) of CM's plans under TP
+    with ``hybrid=False``: only the 4-byte NaN/inf agreement."""
+    opt, counter, mode = _tp_gqa_with_grads("cm_nohybrid")
     with counter, mode:
         plans = [opt._cm_plan(g) for g in opt.param_groups if g["kind"] == "cm"]
     return dict(
@@ -423,13 +429,7 @@ def sc_tp_cm_comm(rank, world):
 def sc_tp_per_head_comm(rank, world):
     """Every collective (c10d and DTensor dispatch, seen by CommDebugMode) of a PerHeadMuon step on
     attention only under TP (heads aligned): only the 4-byte NaN/inf agreement."""
-    from torch.distributed.tensor.debug import CommDebugMode
-
-    model, _, _ = build_model(GQA, "tp")
-    opt = build_opt("per_head_attn", model)
-    x, y = batches(32, 1)[0]
-    F.cross_entropy(model(x).reshape(-1, 32), y.reshape(-1)).backward()
-    counter, mode = D.CommCounter(), CommDebugMode()
+    opt, counter, mode = _tp_gqa_with_grads("per_head_attn")
     with counter, mode:
         opt.step()
     return dict(tags=counter.by_tag(), all_collectives=mode.get_total_counts())
