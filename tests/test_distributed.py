@@ -35,6 +35,9 @@ TOL = 1e-5
 
 
 class Attn(nn.Module):
+    """q/k/v/o projections whose forward works on the heads the weights hold (all of them here; a
+    rank's ``H / tp`` under tensor parallelism, test_tensor_parallel)."""
+
     def __init__(self, D_, H, Hkv, d):
         super().__init__()
         self.head_dim, self.num_heads, self.num_key_value_heads = d, H, Hkv
@@ -45,12 +48,12 @@ class Attn(nn.Module):
 
     def forward(self, x):
         B, T, _ = x.shape
-        d, H, Hkv = self.head_dim, self.num_heads, self.num_key_value_heads
-        q = self.q_proj(x).view(B, T, H, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, Hkv, d).transpose(1, 2).repeat_interleave(H // Hkv, 1)
-        v = self.v_proj(x).view(B, T, Hkv, d).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+        d, G = self.head_dim, self.num_heads // self.num_key_value_heads
+        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2).repeat_interleave(G, 1)
+        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2).repeat_interleave(G, 1)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * d))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class Conv1D(nn.Module):

@@ -32,58 +32,11 @@ from compositional_muon import distributed as D
 from compositional_muon.attention import DEFAULT_ADAMW_PATTERNS
 from dist_harness import result as _result
 from dist_harness import run_world
+from test_distributed import TinyLM, batches
 
 F32 = torch.float32
 STEPS = 3
 TOL = 1e-5
-
-
-class Attn(nn.Module):
-    """q/k/v/o projections whose forward works on this rank's heads (TP gives each rank ``H / tp``)."""
-
-    def __init__(self, D_, H, Hkv, d):
-        super().__init__()
-        self.head_dim, self.num_heads, self.num_key_value_heads = d, H, Hkv
-        self.q_proj = nn.Linear(D_, H * d, bias=False)
-        self.k_proj = nn.Linear(D_, Hkv * d, bias=False)
-        self.v_proj = nn.Linear(D_, Hkv * d, bias=False)
-        self.o_proj = nn.Linear(H * d, D_, bias=False)
-
-    def forward(self, x):
-        B, T, _ = x.shape
-        d, G = self.head_dim, self.num_heads // self.num_key_value_heads
-        q = self.q_proj(x).view(B, T, -1, d).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, d).transpose(1, 2).repeat_interleave(G, 1)
-        v = self.v_proj(x).view(B, T, -1, d).transpose(1, 2).repeat_interleave(G, 1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-
-
-class Block(nn.Module):
-    def __init__(self, D_, H, Hkv, d):
-        super().__init__()
-        self.attn = Attn(D_, H, Hkv, d)
-        self.fc = nn.Linear(D_, 2 * D_, bias=False)
-        self.down = nn.Linear(2 * D_, D_, bias=False)
-
-    def forward(self, x):
-        x = x + self.attn(F.rms_norm(x, (x.size(-1),)))
-        return x + self.down(F.relu(self.fc(F.rms_norm(x, (x.size(-1),)))).square())
-
-
-class TinyLM(nn.Module):
-    def __init__(self, V=32, D_=16, H=4, Hkv=2, d=4, L=2):
-        super().__init__()
-        self.embed = nn.Embedding(V, D_)
-        self.blocks = nn.ModuleList(Block(D_, H, Hkv, d) for _ in range(L))
-        self.gain = nn.Parameter(torch.ones(D_))
-        self.lm_head = nn.Linear(D_, V, bias=False)
-
-    def forward(self, idx):
-        x = self.embed(idx)
-        for b in self.blocks:
-            x = b(x)
-        return self.lm_head(F.rms_norm(x, (x.size(-1),)) * self.gain)
 
 
 GQA = dict(V=32, D_=16, H=4, Hkv=2, d=4, L=2)  # heads align with 2 TP ranks
@@ -194,11 +147,6 @@ def build_opt(name, model, distributed="auto"):
 
 
 OPTS = ("muon", "muon_aux", "cm", "cm_iso", "cm_nohybrid", "normuon", "adamuon", "mano", "per_head", "per_head_attn")
-
-
-def batches(V, n, B=4, T=6, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randint(0, V, (B, T), generator=g), torch.randint(0, V, (B, T), generator=g)) for _ in range(n)]
 
 
 def train(model, opt, data, dp_rank=0, dp_world=1):

@@ -137,7 +137,8 @@ def _sweep_tables(study: StudyConfig, results: Results) -> list[str]:
     return lines
 
 
-def _cell_table(study: StudyConfig, results: Results, cell: str) -> list[str]:
+def _cell_table(study: StudyConfig, results: Results, cell: str, ratios: dict) -> list[str]:
+    """One paired cell's tables; ``ratios``: :func:`step_time_ratios` (read once per report)."""
     c = study.cell(cell)
     others = list(study.cell(c.compare_with).optimizers) if c.compare_with else []
     labels = [lab for lab in dict.fromkeys(list(c.optimizers) + others) if _ok(results, cell, lab)]
@@ -180,7 +181,6 @@ def _cell_table(study: StudyConfig, results: Results, cell: str) -> list[str]:
             "one process, `bench/train_step_time.py`, when its JSON is next to the results):",
             "",
         ]
-        ratios = step_time_ratios(results) or {}
         lines += [
             "| optimizer | steps (mean [95% CI]) | training time (mean [95% CI]) | step-time ratio (bench) "
             "| wall-clock = steps x ratio |",
@@ -241,8 +241,9 @@ def render(study: StudyConfig, results: Results, command: str = "") -> str:
     ]
     cells = paired_cells(study, results)
     body = _summary(study, results, cells) + _sweep_tables(study, results)
+    ratios = step_time_ratios(results) or {}
     for cell in cells:
-        body += _cell_table(study, results, cell)
+        body += _cell_table(study, results, cell, ratios)
     return "\n".join(head + body)
 
 
