@@ -135,3 +135,20 @@ def test_torchrun_ddp_resumes_at_another_world_size(tmp_path, monkeypatch):
                 assert err < 1e-5, (n, k, float(err))
             else:
                 assert got[k].equal(v), (n, k)
+
+
+def test_leave_process_after_a_process_group_exits_with_the_code_and_flushed_output():
+    """A process that ran a process group ends by ``os._exit`` (no interpreter finalization, where
+    gloo's worker threads can abort it) with the CLI's exit code and its output flushed; without
+    one, ``leave_process`` hands the code back."""
+    from compositional_muon.training import dist as D
+
+    assert D.leave_process(3) == 3
+    code = (
+        "import sys; from compositional_muon.training import dist as D; D._RAN_GROUP = True; "
+        "print('out', end=''); print('err', end='', file=sys.stderr); "
+        "import atexit; atexit.register(lambda: print('finalized'));"
+        "D.leave_process(3); print('not reached')"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")

@@ -6,5 +6,5 @@ import sys
 from .training import train as _impl
 
 if __name__ == "__main__":
-    sys.exit(_impl.main())
+    _impl.cli()
 sys.modules[__name__] = _impl

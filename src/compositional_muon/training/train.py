@@ -41,7 +41,7 @@ from .run_dist import Runner
 from .run_state import RunState, clear_run, plan_start
 from .schedule import build_scheduler, lr_factor
 
-__all__ = ["main", "run", "parse_args", "build_parser", "model_config", "optimizer_config", "read_metrics"]
+__all__ = ["main", "cli", "run", "parse_args", "build_parser", "model_config", "optimizer_config", "read_metrics"]
 __all__ += ["lr_factor", "plot_losses", "evaluate", "CM_SWITCHES"]
 
 
@@ -228,5 +228,14 @@ def main(argv=None) -> int:
     return 0
 
 
+def cli() -> None:
+    """``python -m compositional_muon.train``: :func:`main`, then leave the process (see
+    :func:`~compositional_muon.training.dist.leave_process`)."""
+    code = main()
+    from .dist import leave_process
+
+    sys.exit(leave_process(code))
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()
