@@ -194,3 +194,25 @@ def test_only_small_lam_runs_the_prepass(monkeypatch, one_thread):
         _grads(m, 0)
         opt.step()
     assert calls == [0, 0, 1, 1]
+
+
+def test_stack_views_reads_one_pair_in_place_and_keeps_each_layers_memory_layout():
+    """A bucket of one pair reads its weights, gradients and momenta in place (no copy) for the
+    rows of q/k/v and the columns of W_o; several are stacked in the layout of their views; a
+    view that is not a permuted dense block (every other row) is stacked contiguously."""
+    from compositional_muon.attention import head_view
+    from compositional_muon.parallel.strategy import stack_views
+
+    H, d, D = 4, 8, 32
+    ws = [torch.randn(H * d, D) for _ in range(3)]
+    for axis, make in ((0, lambda w: w), (1, lambda w: w.T.contiguous())):
+        views = [head_view(make(w), axis, 0, d, H, d) for w in ws]
+        one = stack_views(views[:1])
+        assert one.shape == (1, H, d, D) and one.data_ptr() == views[0].data_ptr()
+        assert one[0].stride() == views[0].stride()
+        many = stack_views(views)
+        assert torch.equal(many, torch.stack(views)) and many[1].stride() == views[1].stride()
+    strided = [w[::2].unflatten(0, (H // 2, d)) for w in ws]
+    out = stack_views(strided[:1])
+    assert out.is_contiguous() and out.data_ptr() != strided[0].data_ptr()
+    assert torch.equal(out[0], strided[0])

@@ -38,7 +38,7 @@ from .cm.kernel import ZTransform, pair_roots, used_roots
 from .diagnostics import pair_stats
 from .finite import NonFiniteError, all_finite
 from .parallel import CMGroupStep, is_dtensor
-from .parallel.strategy import Strategy, bucket_config, local_buckets
+from .parallel.strategy import Strategy, bucket_config, local_buckets, stack_views
 from .plan import PairBatch, PairEntry, PairLayout
 from .rms_match import match_group_rms
 
@@ -115,7 +115,7 @@ def _prepass(jobs: list[tuple[dict, CMGroupStep]]) -> None:
     """``lam < PREPASS_LAM``: raise before anything is written when a partner root the update uses is not finite."""
     for g, step in jobs:
         for kind, entries in local_buckets(step):
-            A, B = (torch.stack([e.w[i] for e in entries]) for i in (0, 1))
+            A, B = (stack_views([e.w[i] for e in entries]) for i in (0, 1))
             cfg = bucket_config(step, step.cfg.for_kind(kind), A)
             roots = used_roots(pair_roots(A, B, cfg), cfg)
             if roots and not all_finite(*roots):
@@ -149,6 +149,10 @@ def write(opt: Any, group: dict, plan: list[PairBatch], stats: dict) -> None:
             continue
         if batch.dA is None or batch.dB is None:
             raise RuntimeError(f"the CM update of {batch.names} was not computed")
+        if opt.track_stats and batch.stats:  # before the weights change (batch.A may be a view of them)
+            s = pair_stats(batch.A, batch.B, batch.dA, batch.dB, batch.kind)
+            for i, name in enumerate(batch.names):
+                stats[name] = {k: v[i] for k, v in s.items()}
         for i, e in enumerate(batch.entries):
             e.m[0].copy_(batch.new_ma[i])
             e.m[1].copy_(batch.new_mb[i])
@@ -157,10 +161,6 @@ def write(opt: Any, group: dict, plan: list[PairBatch], stats: dict) -> None:
                 e.v[1].copy_(batch.new_vb[i].expand_as(e.v[1]))
             apply_update(e.w[0], batch.dA[i], decay)
             apply_update(e.w[1], batch.dB[i], decay)
-        if opt.track_stats and batch.stats:
-            s = pair_stats(batch.A, batch.B, batch.dA, batch.dB, batch.kind)
-            for i, name in enumerate(batch.names):
-                stats[name] = {k: v[i] for k, v in s.items()}
 
 
 def normuon_transform(group: dict):

@@ -153,10 +153,30 @@ def local_buckets(step: CMGroupStep) -> list[tuple[str, list[PairEntry]]]:
     return out
 
 
+def stack_views(views: list[Tensor]) -> Tensor:
+    """Same-shape head views stacked along a new layer dim ``(L, ...)``, each layer in the memory
+    layout of its view: a view that is a permutation of a dense block (the rows of a q/k/v weight,
+    the columns of ``W_o``) is stacked in its memory order and permuted back, so bucketing never
+    changes the layout a kernel reads (results do not depend on the buckets, bit for bit), and a
+    single such view is returned as a ``(1, ...)`` view of itself, not copied (a byte-capped
+    bucket often holds one pair). Other views are stacked contiguously. Callers read the result
+    before anything is written."""
+    v = views[0]
+    order = sorted(range(v.ndim), key=lambda i: -v.stride(i))
+    if not v.permute(order).is_contiguous():
+        return torch.stack(views)
+    if len(views) == 1:
+        return v.unsqueeze(0)
+    back = [0] + [1 + order.index(i) for i in range(v.ndim)]
+    return torch.stack([x.permute(order) for x in views]).permute(back)
+
+
 def stack_bucket(step: CMGroupStep, kind: str, entries: list[PairEntry]) -> LocalWork:
     """One bucket's weights stacked with its new momenta: ``(batch, pair config, ua, ub)``, with
-    ``dA``/``dB`` still empty (the stacked gradients and old momenta are freed on return)."""
-    A, B, ga, gb, ma, mb = (torch.stack([getattr(e, f)[i] for e in entries]) for f in "wgm" for i in (0, 1))
+    ``dA``/``dB`` still empty (the stacked gradients and old momenta are freed on return). With
+    one pair, ``batch.A``/``batch.B`` are views of the weights (:func:`stack_views`): the write
+    reads them before it updates the weights."""
+    A, B, ga, gb, ma, mb = (stack_views([getattr(e, f)[i] for e in entries]) for f in "wgm" for i in (0, 1))
     new_ma, new_mb, ua, ub = step.momentum(A, B, ga, gb, ma, mb, step.cfg)
     batch = PairBatch(entries=entries, kind=kind, A=A, B=B, new_ma=new_ma, new_mb=new_mb)
     return batch, step.cfg.for_kind(kind), ua, ub
