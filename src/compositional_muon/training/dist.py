@@ -96,15 +96,11 @@ def cleanup_distributed() -> None:
 
 
 def leave_process(code: int) -> int:
-    """End a CLI process with ``code`` (returns ``code`` when there is nothing special to do).
-
-    After a run with a process group the process ends without the interpreter's finalization
-    (``os._exit``, once stdio and logging are flushed; the run's files are closed by then). The
-    reason: ``destroy_process_group`` does not stop gloo's worker threads while DTensor meshes still
-    refer to the group, and a worker that frees the last reference to a finished collective
-    (a barrier keeps weak references to the works before it, whose tensors Python created) must
-    take the GIL; during finalization that ends the thread and ``std::terminate`` aborts a run that
-    finished correctly (seen in about 1 of 10 loaded 2-rank FSDP2 resumes)."""
+    """End a CLI process with ``code`` (returned as is when no process group ran). After a process
+    group, end by ``os._exit`` once stdio and logging are flushed (the run's files are closed by
+    then): gloo's worker threads outlive ``destroy_process_group`` while DTensor meshes refer to the
+    group, and one that frees a finished collective's Python-made tensors during interpreter
+    finalization aborts a run that finished correctly (``std::terminate``)."""
     if not _RAN_GROUP:
         return code
     import logging
@@ -112,10 +108,8 @@ def leave_process(code: int) -> int:
 
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
-        try:
+        with contextlib.suppress(OSError, ValueError):
             stream.flush()
-        except (OSError, ValueError):
-            pass
     os._exit(code)
 
 
