@@ -162,7 +162,7 @@ def stack_views(views: list[Tensor]) -> Tensor:
     bucket often holds one pair). Other views are stacked contiguously. Callers read the result
     before anything is written."""
     v = views[0]
-    order = sorted(range(v.ndim), key=lambda i: -v.stride(i))
+    order = sorted(range(v.ndim), key=lambda i: -v.stride()[i])
     if not v.permute(order).is_contiguous():
         return torch.stack(views)
     if len(views) == 1:

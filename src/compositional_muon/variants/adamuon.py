@@ -26,6 +26,7 @@ import torch
 from ..buckets import DEFAULT_BUCKET_BYTES
 from ..muon import MsignOptimizer, as_matrix
 from ..ops import decoupled_add
+from ..parallel import is_dtensor
 
 __all__ = ["AdaMuon", "adamuon_normalize", "heavy_ball_momentum"]
 
@@ -124,22 +125,82 @@ class AdaMuon(MsignOptimizer):
         )
 
     def _directions(self, group: dict, params: list) -> list:
-        out = []
-        for p in params:
+        """Heavy-ball momentum, then ``Sign`` of the direction; same-shape directions are written
+        straight into one stacked buffer (its slices are returned), so the batched msign needs no
+        stacking copy and the sign is one in-place op over the stack."""
+        beta, nesterov, sign = group["momentum"], group["nesterov"], group["sign_stabilize"]
+        if any(is_dtensor(p) for p in params):  # sharded (FSDP2): one direction per param
+            out = []
+            for p in params:
+                u = as_matrix(heavy_ball_momentum(self._state_buffer(p, "momentum_buffer"), p.grad, beta, nesterov))
+                out.append(u.sign() if sign else u)
+            return out
+        classes: dict = {}
+        for i, p in enumerate(params):
             buf = self._state_buffer(p, "momentum_buffer")
-            u = as_matrix(heavy_ball_momentum(buf, p.grad, group["momentum"], group["nesterov"]))
-            out.append(u.sign() if group["sign_stabilize"] else u)
-        return out
+            buf.mul_(beta).add_(p.grad.to(buf.dtype))
+            classes.setdefault((tuple(as_matrix(buf).shape), buf.dtype, buf.device), []).append(i)
+        dirs: list = [None] * len(params)
+        for (shape, dtype, device), idx in classes.items():
+            stack = torch.empty((len(idx), *shape), dtype=dtype, device=device)
+            for j, i in enumerate(idx):
+                buf = as_matrix(self.state[params[i]]["momentum_buffer"])
+                if nesterov:  # g + beta m_new
+                    torch.add(as_matrix(params[i].grad).to(dtype), buf, alpha=beta, out=stack[j])
+                else:
+                    stack[j].copy_(buf)
+                dirs[i] = stack[j]
+            if sign:
+                stack.sign_()
+        return dirs
 
     def _matrix_step(self, group: dict, params: list) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         beta2 = group["momentum"] if group["beta2"] is None else group["beta2"]
         zs = self._orthogonalize(group, self._directions(group, params))
+        fast: list = []  # float32/64 weights: the normalization in place, over the group at once
         for p, z in zip(params, zs):
             st = self.state[p]
             if "second_moment" not in st:
                 st["second_moment"] = torch.zeros_like(z, dtype=p.dtype)
             V = st["second_moment"]
-            u, new_V = adamuon_normalize(z, V, beta2, group["eps"])
-            V.copy_(new_V)
-            decoupled_add(p, u.reshape(p.shape), lr * wd, alpha=-lr)
+            if is_dtensor(p) or V.dtype not in (torch.float32, torch.float64) or z.dtype != V.dtype:
+                u, new_V = adamuon_normalize(z, V, beta2, group["eps"])
+                V.copy_(new_V)
+                decoupled_add(p, u.reshape(p.shape), lr * wd, alpha=-lr)
+            else:
+                fast.append((p, z, V))
+        if fast:
+            _normalize_and_apply(
+                [f[0] for f in fast], [f[1] for f in fast], [f[2] for f in fast], beta2, group["eps"], lr, wd
+            )
+
+
+def _normalize_and_apply(
+    ps: list[torch.Tensor],
+    Os: list[torch.Tensor],
+    Vs: list[torch.Tensor],
+    beta: float,
+    eps: float,
+    lr: float,
+    wd: float,
+) -> None:
+    """:func:`adamuon_normalize` and the weight update for a list of float32/64 weights, in place
+    with foreach ops (the same math; ``Os``, this step's msign outputs, are overwritten):
+    ``V <- beta V + (1 - beta) O*O``, ``O <- O / (sqrt(V) + eps)``, ``p <- (1 - lr wd) p - lr gamma O``
+    with ``gamma = 0.2 sqrt(m n) / ||O||_F`` (0 for a zero ``O``)."""
+    torch._foreach_mul_(Vs, beta)
+    torch._foreach_addcmul_(Vs, Os, Os, value=1 - beta)
+    den = torch._foreach_sqrt(Vs)
+    torch._foreach_add_(den, eps)
+    torch._foreach_div_(Os, den)
+    del den
+    norms = torch.stack(torch._foreach_norm(Os)).to(Os[0].dtype)
+    scale = torch.tensor(
+        [0.2 * math.sqrt(o.shape[-2] * o.shape[-1]) for o in Os], dtype=norms.dtype, device=norms.device
+    )
+    gamma = torch.where(norms > 0, scale / norms.clamp_min(torch.finfo(norms.dtype).tiny), torch.zeros_like(norms))
+    torch._foreach_mul_(Os, list((gamma * -lr).unbind(0)))
+    if wd:
+        torch._foreach_mul_(ps, 1 - lr * wd)
+    torch._foreach_add_(ps, [o.view(p.shape) for p, o in zip(ps, Os)])
