@@ -162,10 +162,10 @@ def test_adamuon_matches_paper(shape, kw):
 
 
 def test_adamuon_group_of_several_shapes_matches_paper_per_weight():
-    """Weights of two shapes in one group (the second moments and weights updated in place over
-    the group at once) and one with zero gradients: each gets its own paper update; the zero one
+    """Weights of two shapes and a conv weight in one group (the second moments and weights
+    updated in place over the group at once) and one with zero gradients: each gets its own paper update; the zero one
     only its weight decay (its orthogonalized update is 0, gamma 0, no NaN)."""
-    shapes = [(12, 8), (8, 12), (12, 8), (12, 8)]
+    shapes = [(12, 8), (8, 12), (12, 2, 2, 2), (12, 8)]  # a tall conv weight: (12, 8) as a matrix
     W0 = [rnd(*s, seed=40 + i) for i, s in enumerate(shapes)]
     grads = [[rnd(*s, seed=50 + 10 * i + k) * (i != 3) for k in range(3)] for i, s in enumerate(shapes)]
     ps = [nn.Parameter(w.clone()) for w in W0]
@@ -175,7 +175,8 @@ def test_adamuon_group_of_several_shapes_matches_paper_per_weight():
             p.grad = g[k].clone()
         opt.step()
     for p, w0, g in zip(ps[:3], W0, grads):
-        torch.testing.assert_close(p.detach(), ref_adamuon(w0, g, 0.03, 0.95, 1e-8, 0.1)[-1], rtol=0, atol=1e-12)
+        want = ref_adamuon(w0.flatten(1), [x.flatten(1) for x in g], 0.03, 0.95, 1e-8, 0.1)[-1]
+        torch.testing.assert_close(p.detach(), want.view(w0.shape), rtol=0, atol=1e-12)
     torch.testing.assert_close(ps[3].detach(), W0[3] * (1 - 0.03 * 0.1) ** 3, rtol=0, atol=1e-15)
 
 

@@ -203,4 +203,4 @@ def _normalize_and_apply(
     torch._foreach_mul_(Os, list((gamma * -lr).unbind(0)))
     if wd:
         torch._foreach_mul_(ps, 1 - lr * wd)
-    torch._foreach_add_(ps, [o.view(p.shape) for p, o in zip(ps, Os)])
+    torch._foreach_add_(ps, [o.reshape(p.shape) for p, o in zip(ps, Os)])
