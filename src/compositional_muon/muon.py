@@ -16,6 +16,7 @@ Rows/cols are those of the 2-D (flattened) matrix, or of one expert.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -76,22 +77,19 @@ class MsignOptimizer(RoutedOptimizer):
                 buf = self._state_buffer(p, "momentum_buffer")
                 out.append(to_matrices(muon_momentum(buf, p.grad, beta, nesterov), kind))
             return out
-        classes: dict = {}
-        for i, p in enumerate(params):
+        bufs = []
+        for p, kind in zip(params, kinds):
             buf = self._state_buffer(p, "momentum_buffer")
             buf.lerp_(p.grad.to(buf.dtype), 1 - beta)
-            classes.setdefault((tuple(to_matrices(buf, kinds[i]).shape), buf.dtype, buf.device), []).append(i)
-        dirs: list = [None] * len(params)
-        for (shape, dtype, device), idx in classes.items():
-            stack = torch.empty((len(idx), *shape), dtype=dtype, device=device)
-            for j, i in enumerate(idx):
-                buf = to_matrices(self.state[params[i]]["momentum_buffer"], kinds[i])
-                if nesterov:
-                    torch.lerp(to_matrices(params[i].grad, kinds[i]).to(dtype), buf, beta, out=stack[j])
-                else:
-                    stack[j].copy_(buf)
-                dirs[i] = stack[j]
-        return dirs
+            bufs.append(to_matrices(buf, kind))
+
+        def fill(i: int, out: torch.Tensor) -> None:
+            if nesterov:
+                torch.lerp(to_matrices(params[i].grad, kinds[i]).to(out.dtype), bufs[i], beta, out=out)
+            else:
+                out.copy_(bufs[i])
+
+        return stacked_directions(bufs, fill)
 
     def _orthogonalize(self, group: dict, dirs: list, out_dtype: torch.dtype | None = None) -> list:
         """msign of every direction, through the strategy ``self.parallel`` picks for each (spread
@@ -131,6 +129,23 @@ class MsignOptimizer(RoutedOptimizer):
         for p, z in zip(params, zs):
             scale = shape_scale(z.size(-2), z.size(-1), group["adjust_lr_fn"])
             decoupled_add(p, from_matrices(z, p, resolve_layout(p, option)), lr * wd, alpha=-lr * scale)
+
+
+def stacked_directions(bufs: list, fill: Callable[[int, torch.Tensor], None]) -> list:
+    """Directions written straight into one stacked buffer per (shape, dtype, device) class of
+    ``bufs`` (the momentum buffers as matrices): ``fill(i, out)`` writes direction ``i`` into its
+    slot, and the slots are returned in order, so the batched msign reads the stack without a copy
+    (:func:`_stacked`)."""
+    classes: dict = {}
+    for i, b in enumerate(bufs):
+        classes.setdefault((tuple(b.shape), b.dtype, b.device), []).append(i)
+    dirs: list = [None] * len(bufs)
+    for (shape, dtype, device), idx in classes.items():
+        stack = torch.empty((len(idx), *shape), dtype=dtype, device=device)
+        for j, i in enumerate(idx):
+            fill(i, stack[j])
+            dirs[i] = stack[j]
+    return dirs
 
 
 def _stacked(dirs: list, idx: list) -> torch.Tensor:

@@ -24,7 +24,7 @@ import math
 import torch
 
 from ..buckets import DEFAULT_BUCKET_BYTES
-from ..muon import MsignOptimizer, as_matrix
+from ..muon import MsignOptimizer, as_matrix, stacked_directions
 from ..ops import decoupled_add
 from ..parallel import is_dtensor
 
@@ -126,8 +126,8 @@ class AdaMuon(MsignOptimizer):
 
     def _directions(self, group: dict, params: list) -> list:
         """Heavy-ball momentum, then ``Sign`` of the direction; same-shape directions are written
-        straight into one stacked buffer (its slices are returned), so the batched msign needs no
-        stacking copy and the sign is one in-place op over the stack."""
+        straight into one stacked buffer (:func:`~compositional_muon.muon.stacked_directions`), so
+        the batched msign needs no stacking copy."""
         beta, nesterov, sign = group["momentum"], group["nesterov"], group["sign_stabilize"]
         if any(is_dtensor(p) for p in params):  # sharded (FSDP2): one direction per param
             out = []
@@ -135,30 +135,27 @@ class AdaMuon(MsignOptimizer):
                 u = as_matrix(heavy_ball_momentum(self._state_buffer(p, "momentum_buffer"), p.grad, beta, nesterov))
                 out.append(u.sign() if sign else u)
             return out
-        classes: dict = {}
-        for i, p in enumerate(params):
+        bufs = []
+        for p in params:
             buf = self._state_buffer(p, "momentum_buffer")
             buf.mul_(beta).add_(p.grad.to(buf.dtype))
-            classes.setdefault((tuple(as_matrix(buf).shape), buf.dtype, buf.device), []).append(i)
-        dirs: list = [None] * len(params)
-        for (shape, dtype, device), idx in classes.items():
-            stack = torch.empty((len(idx), *shape), dtype=dtype, device=device)
-            for j, i in enumerate(idx):
-                buf = as_matrix(self.state[params[i]]["momentum_buffer"])
-                if nesterov:  # g + beta m_new
-                    torch.add(as_matrix(params[i].grad).to(dtype), buf, alpha=beta, out=stack[j])
-                else:
-                    stack[j].copy_(buf)
-                dirs[i] = stack[j]
+            bufs.append(as_matrix(buf))
+
+        def fill(i: int, out: torch.Tensor) -> None:
+            if nesterov:  # g + beta m_new
+                torch.add(as_matrix(params[i].grad).to(out.dtype), bufs[i], alpha=beta, out=out)
+            else:
+                out.copy_(bufs[i])
             if sign:
-                stack.sign_()
-        return dirs
+                out.sign_()
+
+        return stacked_directions(bufs, fill)
 
     def _matrix_step(self, group: dict, params: list) -> None:
         lr, wd = float(group["lr"]), group["weight_decay"]
         beta2 = group["momentum"] if group["beta2"] is None else group["beta2"]
         zs = self._orthogonalize(group, self._directions(group, params))
-        fast: list = []  # float32/64 weights: the normalization in place, over the group at once
+        ps, Os, Vs = [], [], []  # float32/64 weights: the normalization in place, over the group at once
         for p, z in zip(params, zs):
             st = self.state[p]
             if "second_moment" not in st:
@@ -169,11 +166,11 @@ class AdaMuon(MsignOptimizer):
                 V.copy_(new_V)
                 decoupled_add(p, u.reshape(p.shape), lr * wd, alpha=-lr)
             else:
-                fast.append((p, z, V))
-        if fast:
-            _normalize_and_apply(
-                [f[0] for f in fast], [f[1] for f in fast], [f[2] for f in fast], beta2, group["eps"], lr, wd
-            )
+                ps.append(p)
+                Os.append(z)
+                Vs.append(V)
+        if ps:
+            _normalize_and_apply(ps, Os, Vs, beta2, group["eps"], lr, wd)
 
 
 def _normalize_and_apply(
